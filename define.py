@@ -1,0 +1,450 @@
+"""DeFINE: Deep Factorized Input Token Embeddings (Mehta et al., ICLR 2020), and every token
+representation it is compared with, in one file that imports torch only: copy it anywhere.
+
+Public API
+----------
+GroupLinear(d_in, d_out, groups, bias=True)
+    Group linear transform (GLT): chunk j of the input times its own matrix. One weight
+    tensor [g, d_in/g, d_out/g], one batched matmul.
+DeFINE(n, k, m, depth, g_max=4, variant='define', bias=True, norm=True, act='gelu', dropout=0.)
+    The Map-Expand-Reduce unit, (..., n) -> (..., m): a hierarchical group transform whose
+    widths grow from n to k with g_max, g_max/2, ... groups, the split-and-mix skip before
+    every layer after the first, and a dense Reduce k -> m. `variant` builds the paper's
+    ablations (VARIANTS below). `DeFINE.plan(...)` returns the layer plan without building.
+AdaptiveInput(vocab_size, n, d, cutoffs=(), factor=1)
+    The map: frequency-sorted vocabulary cut into bands at `cutoffs`, band i a table of
+    width n // factor**i, projected (bias-free) to d where it is not already d.
+    factor=4 is Baevski & Auli's adaptive input, factor=1 Transformer-XL's projective
+    embedding, no cutoffs and n == d a standard embedding.
+AdaptiveSoftmax(inp, d_hidden, bias=True)
+    Output layer tied to an AdaptiveInput `inp` (its tables and projections are reused,
+    passed at call time): a full softmax with one band, Grave et al.'s adaptive softmax with
+    several. Works in the map's space: the hidden state is projected to it when d_hidden
+    differs (one projection per band, Transformer-XL style).
+TokenIO(kind, vocab_size, d_model, n=None, ...)
+    The seam every model uses. kind in KINDS = ('standard', 'projective', 'adaptive',
+    'define'). .embed(ids) -> (..., d_embed); .loss(hidden, targets) -> NLL;
+    .log_probs(hidden) -> (..., V); .cache() swaps the input path for one lookup table.
+count_params(model) -> dict(define=, io=, context=, total=)
+    The split of the paper's tables: DeFINE units, TokenIO (maps, projections, outputs), rest.
+
+Example
+-------
+>>> import torch
+>>> from define import TokenIO, count_params
+>>> _ = torch.manual_seed(0)
+>>> io = TokenIO('define', vocab_size=1000, d_model=64, n=16, k=128, depth=3, g_max=4)
+>>> ids = torch.randint(0, 1000, (5, 8))                 # (T, B) token ids
+>>> io.embed(ids).shape                                   # (T, B, d_model)
+torch.Size([5, 8, 64])
+>>> hidden = torch.randn(5, 8, 64)                        # what a context model returns
+>>> io.loss(hidden, ids).shape, io.log_probs(hidden).shape
+(torch.Size([]), torch.Size([5, 8, 1000]))
+>>> _ = io.eval(); x = io.embed(ids)
+>>> info = io.cache()                                     # V x d_model table replaces the unit
+>>> bool((io.embed(ids) - x).abs().max() < 1e-6), info['bytes']
+(True, 256000)
+>>> sorted(count_params(io))
+['context', 'define', 'io', 'total']
+
+Choices the paper leaves open (see README): each HGT layer is GLT + bias -> LayerNorm ->
+GELU -> dropout (the authors' code; without a nonlinearity the unit collapses to one linear
+map); Reduce is a plain Linear; g_max defaults to 4 (the paper's figures).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS = ('standard', 'projective', 'adaptive', 'define')
+VARIANTS = (
+    'define',           # HGT + split-and-mix skip + Reduce (the paper's unit)
+    'define_nomix',     # skip concatenates the whole input to h, no per-group split
+    'define_noreduce',  # no Reduce: the context model takes k-wide vectors
+    'lt',               # linear transforms, g = 1 everywhere, widths n -> k
+    'glt',              # g_max groups in every layer
+    'glt_shuffle',      # glt + channel shuffle between layers (ShuffleNet)
+    'hgt',              # decreasing groups, no skip
+    'hgt_residual',     # decreasing groups, fixed width k/2, identity skips
+)
+ACTS = {'gelu': nn.GELU, 'swish': nn.SiLU, 'relu': nn.ReLU, None: nn.Identity}
+
+
+# ----------------------------------------------------------------------------------------
+# Group linear transform and the DeFINE unit
+
+class GroupLinear(nn.Module):
+    """Split the last dim into `groups` contiguous chunks; chunk j @ weight[j] (paper Eq. 2)."""
+
+    def __init__(self, d_in, d_out, groups, bias=True):
+        super().__init__()
+        if groups < 1 or d_in % groups or d_out % groups:
+            raise ValueError(f"GroupLinear: d_in={d_in} and d_out={d_out} must both be divisible "
+                             f"by groups={groups}; pick widths that are multiples of {groups}")
+        self.d_in, self.d_out, self.groups = d_in, d_out, groups
+        fan_in = d_in // groups
+        self.weight = nn.Parameter(torch.empty(groups, fan_in, d_out // groups).uniform_(
+            -fan_in ** -0.5, fan_in ** -0.5))   # nn.Linear's default range, per group
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+
+    def forward(self, x, grouped=False):
+        """(..., d_in) -> (..., d_out); with grouped=True (..., g, d_in/g) -> (..., g, d_out/g)."""
+        if not grouped:
+            if self.groups == 1:                        # a plain Linear: no bmm overhead
+                return F.linear(x, self.weight[0].t(), self.bias)
+            return self(x.unflatten(-1, (self.groups, -1)), grouped=True).flatten(-2)
+        lead = x.shape[:-2]
+        x = x.reshape(-1, self.groups, x.shape[-1]).transpose(0, 1)  # (g, N, d_in/g)
+        y = torch.bmm(x, self.weight)
+        y = y.transpose(0, 1).reshape(*lead, self.groups, -1)        # (..., g, d_out/g)
+        if self.bias is not None:
+            y = y + self.bias.view(self.groups, -1)
+        return y
+
+    def extra_repr(self):
+        return f"{self.d_in}, {self.d_out}, groups={self.groups}, bias={self.bias is not None}"
+
+
+class GLTBlock(nn.Module):
+    """One HGT layer: GLT (+ bias) -> LayerNorm -> activation -> dropout."""
+
+    def __init__(self, d_in, d_out, groups, bias=True, norm=True, act='gelu', dropout=0.0):
+        super().__init__()
+        self.glt = GroupLinear(d_in, d_out, groups, bias)
+        self.norm = nn.LayerNorm(d_out) if norm else nn.Identity()
+        self.act = ACTS[act]()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, grouped=False):   # (..., d_in), or (..., g, d_in/g) if grouped
+        y = self.glt(x, grouped=True).flatten(-2) if grouped else self.glt(x)
+        return self.drop(self.act(self.norm(y)))
+
+
+def _upcast(x):   # softmax statistics in float32 at least (bf16 logits lose too much)
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _round_up(x, multiple):
+    return -(-x // multiple) * multiple
+
+
+class DeFINE(nn.Module):
+    """Map-Expand-Reduce unit: (..., n) -> (..., m), or (..., k) for 'define_noreduce'."""
+
+    def __init__(self, n, k, m, depth, g_max=4, variant='define', bias=True, norm=True,
+                 act='gelu', dropout=0.0):
+        super().__init__()
+        if act not in ACTS:
+            raise ValueError(f"act={act!r} unknown; choose one of {list(ACTS)}")
+        self.n, self.k, self.variant = n, k, variant
+        self.layers_plan = self.plan(n, k, depth, g_max, variant)
+        self.layers = nn.ModuleList(GLTBlock(d_in, d_out, g, bias, norm, act, dropout)
+                                    for d_in, d_out, g in self.layers_plan)
+        k_out = self.layers_plan[-1][1]
+        if variant == 'define_noreduce':
+            self.reduce, self.d_out = nn.Identity(), k_out
+        else:
+            self.reduce, self.d_out = nn.Linear(k_out, m, bias=bias), m
+
+    @staticmethod
+    def plan(n, k, depth, g_max=4, variant='define'):
+        """[(d_in, d_out, groups)] per layer; raises ValueError for what cannot be built."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} unknown; choose one of {VARIANTS}")
+        if depth < 1:
+            raise ValueError(f"depth={depth}: the unit needs at least one layer (depth >= 1)")
+        if n < 1 or k < n:
+            raise ValueError(f"k={k} < n={n}: the expand width k must be at least the map width n")
+        if g_max < 1:
+            raise ValueError(f"g_max={g_max} must be >= 1")
+        if variant == 'lt':
+            groups = [1] * depth
+        elif variant in ('glt', 'glt_shuffle'):
+            groups = [g_max] * depth
+        else:   # the hierarchy: g_l = max(g_max / 2^(l-1), 1)
+            groups = [max(g_max // 2 ** l, 1) for l in range(depth)]
+        skip = variant in ('define', 'define_nomix', 'define_noreduce')
+        for g in set(groups) if skip else groups[:1]:
+            if n % g:
+                raise ValueError(f"n={n} is not divisible by {g} groups (g_max={g_max}, "
+                                 f"variant={variant!r}); use an n that is a multiple of {g_max} "
+                                 f"or a smaller g_max")
+        if variant == 'hgt_residual':   # a residual needs one width: k/2, fitted to every g
+            w = _round_up(k // 2, math.lcm(*groups))
+            widths = [w] * depth
+        else:   # k_l = n + l (k - n) / N, rounded up so that layer l and l+1 can split it
+            widths = [_round_up(-(-(n * depth + l * (k - n)) // depth),
+                                math.lcm(groups[l - 1], groups[min(l, depth - 1)]))
+                      for l in range(1, depth)] + [k]
+            if k % groups[-1]:
+                raise ValueError(f"k={k} is not divisible by the last layer's {groups[-1]} "
+                                 f"groups; use a k that is a multiple of {groups[-1]}")
+        plan = []
+        for l in range(depth):
+            d_in = n if l == 0 else widths[l - 1] + (n if skip else 0)
+            plan.append((d_in, widths[l], groups[l]))
+        return plan
+
+    def forward(self, e):                  # (..., n) -> (..., m)
+        h = self.layers[0](e)              # layer 1 sees e alone
+        for prev, layer in zip(self.layers[:-1], self.layers[1:]):
+            g = layer.glt.groups
+            if self.variant in ('define', 'define_noreduce'):
+                # split-and-mix: group j of this layer gets chunk j of h next to chunk j of e
+                x = torch.cat([h.unflatten(-1, (g, -1)), e.unflatten(-1, (g, -1))], -1)
+                h = layer(x, grouped=True)         # x: (..., g, (k_{l-1} + n) / g)
+            elif self.variant == 'define_nomix':
+                h = layer(torch.cat([h, e], -1))
+            elif self.variant == 'hgt_residual':
+                h = h + layer(h)
+            elif self.variant == 'glt_shuffle':   # (..., g, c) -> (..., c, g): mix the groups
+                gp = prev.glt.groups
+                h = layer(h.unflatten(-1, (gp, -1)).transpose(-1, -2).flatten(-2))
+            else:
+                h = layer(h)
+        return self.reduce(h)
+
+
+# ----------------------------------------------------------------------------------------
+# Maps (input) and the tied output
+
+class AdaptiveInput(nn.Module):
+    """Bands of the frequency-sorted vocabulary; band i: table (V_i, n // factor**i) and a
+    bias-free projection to d unless that width is d already. (..., ) ids -> (..., d)."""
+
+    def __init__(self, vocab_size, n, d, cutoffs=(), factor=1, init_std=None):
+        super().__init__()
+        cutoffs = list(cutoffs)
+        if cutoffs != sorted(set(cutoffs)) or (cutoffs and not 0 < cutoffs[0] <= cutoffs[-1] < vocab_size):
+            raise ValueError(f"cutoffs={cutoffs} must be increasing and within (0, vocab_size="
+                             f"{vocab_size}); e.g. [20000, 40000, 200000] for WikiText-103")
+        if factor < 1:
+            raise ValueError(f"factor={factor} must be >= 1")
+        self.vocab_size, self.n, self.d, self.factor = vocab_size, n, d, factor
+        self.bounds = [0] + cutoffs + [vocab_size]
+        self.widths = [n // factor ** i for i in range(len(self.bounds) - 1)]
+        if min(self.widths) < 1:
+            raise ValueError(f"n={n} is too narrow for {len(self.widths)} bands with factor "
+                             f"{factor}: band widths {self.widths}; use fewer cutoffs or a larger n")
+        std = init_std if init_std is not None else n ** -0.5
+        self.tables = nn.ParameterList(
+            nn.Parameter(torch.randn(hi - lo, w) * std)
+            for lo, hi, w in zip(self.bounds, self.bounds[1:], self.widths))
+        # (d, w) like nn.Linear(w, d).weight; std w^-1/2 keeps the projected scale ~ the table's
+        self.projs = nn.ParameterList(
+            nn.Parameter(torch.randn(d, w) * w ** -0.5) if w != d else None for w in self.widths)
+
+    def forward(self, ids, drop=0.0):       # (...,) -> (..., d)
+        out = None
+        for i, (lo, hi) in enumerate(zip(self.bounds, self.bounds[1:])):
+            table, proj = self.tables[i], self.projs[i]
+            local = ids if len(self.widths) == 1 else (ids - lo).clamp(0, hi - lo - 1)
+            y = F.embedding(local, table)
+            if drop > 0:   # embedding (word-type) dropout: whole rows of the table, per step
+                keep = torch.empty(hi - lo, 1, device=table.device).bernoulli_(1 - drop) / (1 - drop)
+                y = y * F.embedding(local, keep)
+            if proj is not None:
+                y = F.linear(y, proj)
+            if len(self.widths) == 1:
+                return y
+            # every band sees every token (no data-dependent shapes, so no host sync);
+            # tokens outside the band are discarded here and get zero gradient
+            inb = ((ids >= lo) & (ids < hi)).unsqueeze(-1)
+            out = torch.where(inb, y, 0.0 if out is None else out)
+        return out
+
+
+class AdaptiveSoftmax(nn.Module):
+    """log p(w | h) tied to an AdaptiveInput: full softmax for one band, else adaptive softmax
+    (Grave et al. 2017): head = band 0 plus one logit per tail cluster; a tail token's
+    log-prob = head log-prob of its cluster + its log-softmax within the cluster, computed
+    only for the tokens of that cluster. Holds only what the output adds: per-band hidden
+    projections (when d_hidden != inp.d), the output bias, the cluster logits."""
+
+    def __init__(self, inp, d_hidden, bias=True, cluster_bias=None):
+        super().__init__()
+        self.bounds, self.widths = list(inp.bounds), list(inp.widths)
+        self.vocab_size, self.n_tail = inp.vocab_size, len(inp.widths) - 1
+        self.out_projs = nn.ParameterList(
+            nn.Parameter(torch.randn(inp.d, d_hidden) * d_hidden ** -0.5) for _ in inp.widths
+        ) if d_hidden != inp.d else None
+        self.bias = nn.Parameter(torch.zeros(inp.vocab_size)) if bias else None
+        cluster_bias = bias if cluster_bias is None else cluster_bias
+        self.cluster = nn.Linear(inp.widths[0], self.n_tail, bias=cluster_bias) if self.n_tail else None
+        if self.cluster is not None:
+            nn.init.zeros_(self.cluster.weight)
+
+    def _in_band(self, h, i, inp):          # (N, d_hidden) -> (N, width of band i)
+        if self.out_projs is not None:
+            h = F.linear(h, self.out_projs[i])
+        if inp.projs[i] is not None:        # the tied projection, transposed: d -> w_i
+            h = h @ inp.projs[i]
+        return h
+
+    def _logits(self, h, i, inp):           # (N, d_hidden) -> (N, V_i [+ clusters if i == 0])
+        lo, hi = self.bounds[i], self.bounds[i + 1]
+        h = self._in_band(h, i, inp)
+        bias = self.bias[lo:hi] if self.bias is not None else None
+        logits = F.linear(h, inp.tables[i], bias)
+        if i == 0 and self.cluster is not None:
+            logits = torch.cat([logits, self.cluster(h).to(logits.dtype)], -1)
+        return logits
+
+    def log_probs(self, h, inp):            # (..., d_hidden) -> (..., V) float32
+        lead, h = h.shape[:-1], h.reshape(-1, h.shape[-1])
+        head = F.log_softmax(_upcast(self._logits(h, 0, inp)), -1)
+        c0 = self.bounds[1]
+        parts = [head[:, :c0]]
+        for i in range(1, self.n_tail + 1):
+            tail = F.log_softmax(_upcast(self._logits(h, i, inp)), -1)
+            parts.append(tail + head[:, c0 + i - 1:c0 + i])
+        return torch.cat(parts, -1).view(*lead, self.vocab_size)
+
+    def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0):
+        """Negative log-likelihood of `target` (...,) given h (..., d_hidden)."""
+        h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
+        if self.n_tail == 0:
+            return F.cross_entropy(_upcast(self._logits(h, 0, inp)), target, reduction=reduction,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if label_smoothing:
+            raise ValueError("label smoothing needs a full softmax; pass no cutoffs")
+        valid = target != ignore_index
+        target = torch.where(valid, target, 0)
+        band = torch.bucketize(target, torch.tensor(self.bounds[1:-1], device=target.device),
+                               right=True)                     # (N,) 0 = head
+        c0 = self.bounds[1]
+        head = F.log_softmax(_upcast(self._logits(h, 0, inp)), -1)
+        head_idx = torch.where(band == 0, target, c0 + band - 1)
+        nll = -head.gather(1, head_idx[:, None]).squeeze(1)     # (N,)
+        # one host sync for all clusters: sort tokens by cluster, split by the counts
+        order = torch.argsort(band, stable=True)
+        counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
+        for i, idx in enumerate(order.split(counts)[1:], 1):    # empty clusters still run, so
+            lo = self.bounds[i]                                  # DDP sees every parameter used
+            tail = F.log_softmax(_upcast(self._logits(h[idx], i, inp)), -1)
+            nll = nll.index_add(0, idx, -tail.gather(1, (target[idx] - lo)[:, None]).squeeze(1))
+        nll = nll * valid
+        if reduction == 'none':
+            return nll
+        return nll.sum() if reduction == 'sum' else nll.sum() / valid.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------
+# The seam: one object per vocabulary
+
+class TokenIO(nn.Module):
+    """Token representations for one vocabulary: embed(ids), loss(hidden, targets),
+    log_probs(hidden), cache(). Models take a TokenIO and never look at its kind.
+
+    kind        'standard'   table V x d_model (n = d_model), tied full softmax with bias
+                'projective' table of width n, per-band projections n -> d_model (TXL)
+                'adaptive'   adaptive input (bands n / factor^i) + tied adaptive softmax
+                'define'     a map of width n (standard, or adaptive with cutoffs) + DeFINE
+                             n -> k -> m, + a projection m -> d_model if they differ
+    d_hidden    width of the hidden state given to loss/log_probs (default d_model); it is
+                projected to the map's space when it differs (AWD-LSTM instead makes its
+                last layer n wide, so none is needed).
+    cutoffs     band edges of the frequency-sorted vocabulary (adaptive input / softmax).
+    factor      band width divisor: 1 for standard/projective/define, 4 for adaptive.
+    out_bias    output bias (V) and cluster-logit bias; default: present iff factor == 1
+                (Transformer-XL's softmax has one, Baevski & Auli's adaptive softmax not).
+    embed_scale multiplies the embedding (sqrt(d_model) in Transformers).
+    dedup       define only: run the unit once per distinct token of the batch, then
+                gather (same function and gradients, less work; dropout inside the unit
+                is then drawn per token type).
+    """
+
+    def __init__(self, kind, vocab_size, d_model, n=None, d_hidden=None, cutoffs=(),
+                 factor=None, out_bias=None, embed_scale=1.0, init_std=None,
+                 k=1024, m=None, depth=3, g_max=4, variant='define', unit_bias=True,
+                 unit_norm=True, unit_act='gelu', unit_dropout=0.0, dedup=False):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} unknown; choose one of {KINDS}")
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size={vocab_size} must be at least 2")
+        n = d_model if n is None else n
+        if kind == 'standard' and n != d_model:
+            raise ValueError(f"a standard embedding has n = d_model ({d_model}), got n={n}; "
+                             f"use kind='projective' or 'define' for a narrower table")
+        factor = (4 if kind == 'adaptive' else 1) if factor is None else factor
+        self.kind, self.vocab_size, self.d_model, self.n = kind, vocab_size, d_model, n
+        self.embed_scale, self.dedup = embed_scale, dedup
+        d_map = n if kind == 'define' else d_model     # width the map's bands project to
+        self.map = AdaptiveInput(vocab_size, n, d_map, cutoffs, factor, init_std)
+        self.unit, self.in_proj, self.d_embed = None, None, d_model
+        if kind == 'define':
+            m = d_model if m is None else m
+            self.unit = DeFINE(n, k, m, depth, g_max, variant, unit_bias, unit_norm,
+                               unit_act, unit_dropout)
+            if variant == 'define_noreduce':
+                self.d_embed = self.unit.d_out      # the context model takes k-wide input
+            elif m != d_model:
+                self.in_proj = nn.Linear(m, d_model, bias=False)
+        self.d_hidden = d_model if d_hidden is None else d_hidden
+        out_bias = factor == 1 if out_bias is None else out_bias
+        self.out = AdaptiveSoftmax(self.map, self.d_hidden, bias=out_bias)
+        self.cached = None                          # (V, d_embed) table once cache() ran
+
+    def embed(self, ids, drop=0.0):                 # (...) ids -> (..., d_embed)
+        """`drop`: embedding dropout on the rows of the map tables (AWD-LSTM's dropoute)."""
+        if self.cached is not None and not self.training:
+            return F.embedding(ids, self.cached)
+        if self.unit is not None and self.dedup:    # DeFINE once per distinct token
+            uniq, inv = torch.unique(ids, return_inverse=True)
+            return self._input_path(uniq, drop)[inv]
+        return self._input_path(ids, drop)
+
+    forward = embed
+
+    def _input_path(self, ids, drop):
+        x = self.map(ids, drop)                     # (..., n or d_model)
+        if self.unit is not None:
+            x = self.unit(x)                        # (..., m)
+        if self.in_proj is not None:
+            x = self.in_proj(x)                     # (..., d_model)
+        return x * self.embed_scale if self.embed_scale != 1.0 else x
+
+    def loss(self, hidden, targets, reduction='mean', ignore_index=-100, label_smoothing=0.0):
+        """NLL of targets (...,) under hidden (..., d_hidden): a scalar, or (N,) for 'none'."""
+        return self.out.loss(hidden, targets, self.map, reduction, ignore_index, label_smoothing)
+
+    def log_probs(self, hidden):                    # (..., d_hidden) -> (..., V) float32
+        return self.out.log_probs(hidden, self.map)
+
+    @torch.no_grad()
+    def cache(self, chunk=65536):
+        """Replace the input path by one (V, d_embed) lookup table, computed once in eval mode.
+        Returns its size; train() drops it (the weights it froze may change)."""
+        if self.training:
+            raise RuntimeError("cache() freezes eval-mode outputs: call .eval() first")
+        self.cached = None
+        dev = next(self.parameters()).device
+        rows = [self._input_path(torch.arange(s, min(s + chunk, self.vocab_size), device=dev), 0.0)
+                for s in range(0, self.vocab_size, chunk)]
+        self.cached = torch.cat(rows).float()
+        return dict(rows=self.vocab_size, width=self.cached.shape[1],
+                    bytes=self.cached.numel() * self.cached.element_size(),
+                    input_path_params=sum(p.numel() for p in self._input_params()))
+
+    def _input_params(self):
+        mods = [self.map, self.unit, self.in_proj]
+        return [p for mod in mods if mod is not None for p in mod.parameters()]
+
+    def train(self, mode=True):
+        if mode:
+            self.cached = None
+        return super().train(mode)
+
+
+def count_params(model):
+    """Split parameters as the paper's tables do: DeFINE units, input-output (TokenIO:
+    maps, projections, softmax), context (everything else). Shared tensors count once."""
+    def unique(mods):
+        return {id(p): p.numel() for mod in mods for p in mod.parameters()}
+    define = unique(m for m in model.modules() if isinstance(m, DeFINE))
+    io = unique(m for m in model.modules() if isinstance(m, TokenIO))
+    total = sum(unique([model]).values())
+    d, i = sum(define.values()), sum(v for k, v in io.items() if k not in define)
+    return dict(define=d, io=i, context=total - d - i, total=total)

@@ -1,0 +1,351 @@
+"""define.py against independent oracles: dense block-diagonal matrices, the paper's
+parameter formulas, torch.nn.AdaptiveLogSoftmaxWithLoss, naive per-token loops."""
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import ROOT
+from define import (KINDS, VARIANTS, AdaptiveInput, AdaptiveSoftmax, DeFINE, GroupLinear,
+                    TokenIO, count_params)
+
+WT103_V, WT103_CUTOFFS = 267_735, [20000, 40000, 200000]
+
+
+# ---------------------------------------------------------------- group linear transform
+
+@pytest.mark.parametrize("d_in,d_out,g", [(12, 8, 4), (16, 32, 2), (6, 9, 3), (5, 7, 1)])
+def test_group_linear_equals_block_diagonal_dense(d_in, d_out, g):
+    glt = GroupLinear(d_in, d_out, g).double()
+    with torch.no_grad():
+        glt.bias.normal_()
+    dense = nn.Linear(d_in, d_out).double()
+    with torch.no_grad():   # the oracle: a (d_out, d_in) matrix, zero off the diagonal blocks
+        dense.weight.zero_()
+        a, b = d_in // g, d_out // g
+        for j in range(g):
+            dense.weight[j * b:(j + 1) * b, j * a:(j + 1) * a] = glt.weight[j].t()
+        dense.bias.copy_(glt.bias)
+    x = torch.randn(3, 5, d_in, dtype=torch.double, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = glt(x), dense(x2)
+    torch.testing.assert_close(y, y2)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(glt.bias.grad, dense.bias.grad)
+    for j in range(g):   # the weight gradient is the dense one's diagonal blocks
+        torch.testing.assert_close(glt.weight.grad[j],
+                                   dense.weight.grad[j * b:(j + 1) * b, j * a:(j + 1) * a].t())
+
+
+def test_group_linear_rejects_indivisible_widths():
+    with pytest.raises(ValueError, match="divisible by groups=4"):
+        GroupLinear(10, 8, 4)
+
+
+# ---------------------------------------------------------------- the DeFINE unit
+
+def test_split_and_mix_routes_chunk_j_to_group_j():
+    n, k, m, depth, g_max = 16, 64, 8, 3, 4
+    unit = DeFINE(n, k, m, depth, g_max).double().eval()
+    seen = {}
+    layer2 = unit.layers[1]
+    g = layer2.glt.groups                       # 2 groups in layer 2
+    k1 = unit.layers_plan[0][1]                 # width of layer 1's output
+    layer2.glt.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    for j in range(g):
+        # previous output and input both zero except chunk j (forced through a hook)
+        h = torch.zeros(1, k1, dtype=torch.double)
+        h[0, j * k1 // g:(j + 1) * k1 // g] = torch.randn(k1 // g, dtype=torch.double)
+        e = torch.zeros(1, n, dtype=torch.double)
+        e[0, j * n // g:(j + 1) * n // g] = torch.randn(n // g, dtype=torch.double)
+        handle = unit.layers[0].register_forward_hook(lambda mod, args, out: h.clone())
+        unit(e)
+        handle.remove()
+        x = seen['x']                            # (1, g, (k1 + n) / g), as group j sees it
+        assert x.shape == (1, g, (k1 + n) // g)
+        for jj in range(g):
+            want_h = h[0, jj * k1 // g:(jj + 1) * k1 // g]
+            want_e = e[0, jj * n // g:(jj + 1) * n // g]
+            torch.testing.assert_close(x[0, jj], torch.cat([want_h, want_e]))
+            assert (x[0, jj].abs().sum() > 0) == (jj == j)
+
+
+def _paper_widths(n, k, depth):   # exact cases only: k_l = n + l (k - n) / N
+    assert (k - n) % depth == 0
+    return [n + l * (k - n) // depth for l in range(1, depth + 1)]
+
+
+@pytest.mark.parametrize("n,k,m,depth,g_max", [
+    (128, 1024, 400, 7, 4), (64, 512, 256, 4, 4), (64, 512, 256, 4, 8),
+    (256, 1024, 256, 3, 4), (128, 3200, 384, 3, 16), (32, 64, 32, 1, 2)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_unit_parameter_count_matches_formula(n, k, m, depth, g_max, variant):
+    unit = DeFINE(n, k, m, depth, g_max, variant=variant)
+    if variant == 'lt':
+        groups = [1] * depth
+    elif variant.startswith('glt'):
+        groups = [g_max] * depth
+    else:
+        groups = [max(g_max // 2 ** (l - 1), 1) for l in range(1, depth + 1)]
+    widths = [k // 2] * depth if variant == 'hgt_residual' else _paper_widths(n, k, depth)
+    skip = variant.startswith('define')
+    # P = sum_l d_in_l * k_l / g_l + k * m (weights), d_in_1 = n, d_in_l = k_{l-1} (+ n with skip)
+    weights = sum((n if l == 0 else widths[l - 1] + (n if skip else 0)) * widths[l] // groups[l]
+                  for l in range(depth))
+    if variant != 'define_noreduce':
+        weights += widths[-1] * m
+    extra = sum(2 * w + w for w in widths)      # GLT bias + LayerNorm weight and bias
+    extra += 0 if variant == 'define_noreduce' else m   # Reduce bias
+    assert sum(p.numel() for p in unit.parameters()) == weights + extra
+    assert [w for _, w, _ in unit.layers_plan] == widths
+    assert [g for _, _, g in unit.layers_plan] == groups
+
+
+def test_widths_round_up_to_the_groups_that_touch_them():
+    plan = DeFINE.plan(96, 1000, 3, g_max=8)    # k_l = 397.3, 698.7 -> multiples of 8 and 4
+    assert [w for _, w, _ in plan] == [400, 700, 1000]
+    assert [g for _, _, g in plan] == [8, 4, 2]
+
+
+def test_default_unit_is_nonlinear_and_linear_without_norm_and_act():
+    torch.set_default_dtype(torch.double)
+    try:
+        a, b = torch.randn(4, 16), torch.randn(4, 16)
+        z = torch.zeros(1, 16)
+        f = DeFINE(16, 64, 16, 3).eval()
+        assert (f(a) + f(b) - f(a + b) - f(z)).abs().max() > 1e-3
+        lin = DeFINE(16, 64, 16, 3, norm=False, act=None).eval()
+        torch.testing.assert_close(lin(a) + lin(b), lin(a + b) + lin(z))
+    finally:
+        torch.set_default_dtype(torch.float)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains(variant):
+    unit = DeFINE(16, 64, 12, 3, g_max=4, variant=variant, dropout=0.1)
+    x, target = torch.randn(32, 16), torch.randn(32, unit.d_out)
+    opt = torch.optim.Adam(unit.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(unit(x), target)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unit.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n=10, k=64, m=8, depth=3, g_max=4), "n=10 is not divisible"),
+    (dict(n=16, k=64, m=8, depth=0), "depth=0"),
+    (dict(n=64, k=32, m=8, depth=2), "k=32 < n=64"),
+    (dict(n=16, k=66, m=8, depth=1, g_max=4), "k=66 is not divisible"),
+    (dict(n=16, k=64, m=8, depth=2, variant='dense'), "variant='dense' unknown"),
+    (dict(n=16, k=64, m=8, depth=2, act='tanh'), "act='tanh' unknown"),
+])
+def test_bad_unit_configurations_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeFINE(**kwargs)
+
+
+# ---------------------------------------------------------------- maps and outputs
+
+def test_adaptive_input_equals_per_token_loop():
+    inp = AdaptiveInput(100, 16, 12, cutoffs=[10, 40], factor=2).double()
+    ids = torch.randint(0, 100, (7, 3))
+    out = inp(ids)
+    for t, i in enumerate(ids.flatten().tolist()):
+        band = 0 if i < 10 else 1 if i < 40 else 2
+        lo = [0, 10, 40][band]
+        row = inp.tables[band][i - lo]
+        want = row if inp.projs[band] is None else inp.projs[band] @ row
+        torch.testing.assert_close(out.flatten(0, 1)[t], want)
+    assert [t.shape[1] for t in inp.tables] == [16, 8, 4]
+
+
+def test_embedding_dropout_drops_whole_rows():
+    inp = AdaptiveInput(50, 8, 8)
+    ids = torch.tensor([[3, 3, 5, 5, 7, 7]])
+    y = inp(ids, drop=0.5)[0]
+    for a, b in [(0, 1), (2, 3), (4, 5)]:   # the same token is dropped everywhere or nowhere
+        torch.testing.assert_close(y[a], y[b])
+    for t, i in enumerate(ids[0].tolist()):
+        assert torch.allclose(y[t], 0 * y[t]) or torch.allclose(y[t], 2 * inp.tables[0][i])
+
+
+def test_adaptive_softmax_matches_torch_adaptive_log_softmax():
+    d, V, cutoffs = 32, 300, [20, 100]
+    ref = nn.AdaptiveLogSoftmaxWithLoss(d, V, cutoffs, div_value=4.0, head_bias=False).double()
+    # untied: a map used only as the holder of the output tables and projections
+    inp = AdaptiveInput(V, d, d, cutoffs, factor=4).double()
+    ours = AdaptiveSoftmax(inp, d, bias=False).double()
+    with torch.no_grad():
+        inp.tables[0].copy_(ref.head.weight[:20])
+        ours.cluster.weight.copy_(ref.head.weight[20:])
+        for i, tail in enumerate(ref.tail, 1):
+            proj, out = tail[0], tail[1]          # Linear(d, d/4^i), Linear(d/4^i, V_i)
+            inp.projs[i].copy_(proj.weight.t())  # ours is (d, w_i), used transposed
+            inp.tables[i].copy_(out.weight)
+    h = torch.randn(50, d, dtype=torch.double)
+    target = torch.randint(0, V, (50,))
+    target[:3] = torch.tensor([5, 50, 250])       # every cluster present
+    torch.testing.assert_close(ours.log_probs(h, inp), ref.log_prob(h))
+    torch.testing.assert_close(ours.loss(h, target, inp), ref(h, target).loss)
+
+
+def _io(kind, **kw):
+    args = dict(vocab_size=120, d_model=24, n=16, cutoffs=[10, 40], k=32, depth=2, g_max=2)
+    if kind == 'standard':
+        args['n'] = 24
+    args.update(kw)
+    return TokenIO(kind, **args).double()
+
+
+CONFIGS = [dict(), dict(cutoffs=[]), dict(d_hidden=8), dict(cutoffs=[], d_hidden=16),
+           dict(factor=2), dict(embed_scale=3.0)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_log_probs_normalised_and_loss_is_their_nll(kind, cfg):
+    if kind == 'standard' and cfg.get('factor'):
+        cfg = {}
+    io = _io(kind, **cfg)
+    with torch.no_grad():
+        for p in io.out.parameters():   # zero-initialised cluster logits and biases: randomise
+            p.normal_()
+    h = torch.randn(6, 5, io.d_hidden, dtype=torch.double)
+    y = torch.randint(0, 120, (6, 5))
+    lp = io.log_probs(h)
+    assert lp.shape == (6, 5, 120)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(6, 5, dtype=torch.double))
+    nll = -lp.gather(-1, y[..., None]).squeeze(-1)
+    torch.testing.assert_close(io.loss(h, y, reduction='none'), nll.flatten())
+    torch.testing.assert_close(io.loss(h, y), nll.mean())
+    y[0, :2] = -100   # ignored positions count nowhere
+    keep = y.flatten() != -100
+    torch.testing.assert_close(io.loss(h, y, reduction='sum'), nll.flatten()[keep].sum())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_cache_reproduces_embed_for_every_token(kind, cfg):
+    if kind == 'standard' and cfg.get('factor'):
+        cfg = {}
+    io = _io(kind, unit_dropout=0.3, **cfg).float().eval()
+    ids = torch.arange(120)
+    want = io.embed(ids)
+    info = io.cache()
+    assert info['bytes'] == 120 * io.d_embed * 4
+    assert (io.embed(ids) - want).abs().max() <= 1e-6
+    io.train()                                   # training again drops the frozen table
+    assert io.cached is None
+
+
+def test_cache_needs_eval_mode():
+    with pytest.raises(RuntimeError, match="eval"):
+        _io('define').cache()
+
+
+@pytest.mark.parametrize("cutoffs", [[], [10, 40]])
+def test_dedup_is_the_same_function_and_gradient(cutoffs):
+    a = _io('define', cutoffs=cutoffs)
+    b = _io('define', cutoffs=cutoffs, dedup=True)
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 30, (9, 4))           # many repeats
+    ya, yb = a.embed(ids), b.embed(ids)
+    torch.testing.assert_close(ya, yb)
+    w = torch.randn_like(ya)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None or pb.grad.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_empty_tail_clusters_still_get_gradients():
+    # DDP needs every parameter to take part in every step, even with no token in a cluster
+    io = _io('adaptive')
+    h = torch.randn(5, io.d_hidden, dtype=torch.double)
+    io.loss(h, torch.tensor([1, 2, 3, 4, 5])).backward()   # head tokens only
+    assert all(p.grad is not None for p in io.out.parameters())
+    assert all(t.grad is not None for t in io.map.tables)
+
+
+def test_noreduce_embeds_k_wide():
+    io = _io('define', variant='define_noreduce')
+    assert io.d_embed == 32 and io.embed(torch.tensor([1, 2])).shape == (2, 32)
+
+
+def test_bad_tokenio_configurations_raise_value_error():
+    with pytest.raises(ValueError, match="kind='dense' unknown"):
+        TokenIO('dense', 100, 16)
+    with pytest.raises(ValueError, match="standard embedding has n = d_model"):
+        TokenIO('standard', 100, 16, n=8)
+    with pytest.raises(ValueError, match="cutoffs"):
+        TokenIO('adaptive', 100, 16, cutoffs=[50, 20])
+    with pytest.raises(ValueError, match="too narrow"):
+        TokenIO('adaptive', 100, 16, cutoffs=[10, 20, 30], factor=4)
+    with pytest.raises(ValueError, match="label smoothing"):
+        io = TokenIO('adaptive', 100, 16, cutoffs=[10])
+        io.loss(torch.randn(2, 16), torch.tensor([1, 50]), label_smoothing=0.1)
+
+
+# ---------------------------------------------------------------- the paper's I/O counts
+
+@pytest.mark.parametrize("n,want", [(256, 9.25), (384, 13.90), (512, 18.55)])
+@pytest.mark.parametrize("kind", ['adaptive', 'define'])
+def test_lstm_wt103_io_counts(n, want, kind):
+    io = TokenIO(kind, WT103_V, n, n=n, cutoffs=WT103_CUTOFFS, factor=4, k=1024, depth=3)
+    c = count_params(io)
+    assert round(c['io'] / 1e6, 2) == want
+    assert (c['define'] > 0) == (kind == 'define')
+
+
+@pytest.mark.parametrize("n,want", [(384, 103.08), (256, 69.20), (128, 34.73), (64, 17.50)])
+@pytest.mark.parametrize("kind", ['projective', 'define'])
+def test_txl_wt103_io_counts(n, want, kind):
+    io = TokenIO(kind, WT103_V, 384, n=n, cutoffs=WT103_CUTOFFS, k=4096, depth=3, m=384)
+    # V n + V (softmax bias) + 3 n + 3 (cluster logits) + 4 * 384 * n (projections, n != 384)
+    exact = WT103_V * n + WT103_V + 3 * n + 3 + (4 * 384 * n if n != 384 else 0)
+    assert count_params(io)['io'] == exact
+    assert round(exact / 1e6, 2) == want
+
+
+def test_txl_base_io_count():
+    io = TokenIO('standard', WT103_V, 410, cutoffs=WT103_CUTOFFS)
+    assert round(count_params(io)['io'] / 1e6, 2) == 110.04
+
+
+def test_count_params_splits_a_model():
+    io = _io('define')
+    model = nn.ModuleDict(dict(io=io, rnn=nn.LSTM(24, 8)))
+    c = count_params(model)
+    assert c['define'] == sum(p.numel() for p in io.unit.parameters())
+    assert c['context'] == sum(p.numel() for p in model['rnn'].parameters())
+    assert c['total'] == c['define'] + c['io'] + c['context']
+
+
+def test_docstring_example_runs_with_define_py_alone(tmp_path):
+    shutil.copy(ROOT / "define.py", tmp_path / "define.py")
+    r = subprocess.run([sys.executable, "-m", "doctest", "define.py"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_define_py_imports_torch_only():
+    src = (ROOT / "define.py").read_text()
+    imports = {line.split()[1].split('.')[0] for line in src.splitlines()
+               if line.startswith(('import ', 'from '))}
+    assert imports <= {'math', 'torch'}, imports
