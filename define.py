@@ -368,6 +368,9 @@ class TokenIO(nn.Module):
         if kind == 'standard' and n != d_model:
             raise ValueError(f"a standard embedding has n = d_model ({d_model}), got n={n}; "
                              f"use kind='projective' or 'define' for a narrower table")
+        if kind == 'standard' and factor not in (None, 1):
+            raise ValueError(f"a standard embedding has one width (factor 1), got factor={factor}; "
+                             f"use kind='adaptive' for bands of decreasing width")
         factor = (4 if kind == 'adaptive' else 1) if factor is None else factor
         self.kind, self.vocab_size, self.d_model, self.n = kind, vocab_size, d_model, n
         self.embed_scale, self.dedup = embed_scale, dedup

@@ -1,0 +1,181 @@
+"""Speed and memory of a training step on synthetic tokens, for any model and embedding.
+
+    python bench.py --config wt103_txl_base --compile True        # one line: tok/s, ms, MFU, memory
+    python bench.py --config ptb_awd_lstm --embed define
+    python bench.py --what io                                     # the input path alone (DeFINE)
+    torchrun --standalone --nproc_per_node=2 bench.py --config wt103_txl_base   # DDP, per-GPU batch
+
+Settings are train.py's (presets and --key value), plus --steps, --warmup-steps and --what.
+Tokens are drawn from a Zipf distribution over the vocabulary (rank r with probability
+~ 1/r), so adaptive-softmax clusters and DeFINE's distinct-token count look like real text.
+MFU counts 6 x (non-embedding parameters) per token plus attention (fwd + bwd, full
+attention matrices) against PEAK_FLOPS; the output softmax and embeddings are not counted.
+"""
+import sys
+import time
+import torch
+
+import train
+from define import TokenIO, count_params
+
+PEAK_FLOPS = 790e12   # bf16 dense matmul measured on the H100/H200 machines (device/KINDS.md)
+
+
+def zipf(V, shape, device, gen=None):
+    p = 1.0 / torch.arange(1, V + 1, dtype=torch.float64)
+    return torch.multinomial((p / p.sum()).float(), int(torch.tensor(shape).prod()), True,
+                             generator=gen).view(shape).to(device)
+
+
+def flops_per_token(cfg, model):
+    """6 N (non-embedding) + attention, forward and backward."""
+    c = count_params(model)
+    n = c['context'] + (0 if cfg['dedup'] else c['define'])
+    f = 6 * n
+    if cfg['model'] == 'txl':
+        klen = cfg['bptt'] + cfg['mem_len']
+        f += 3 * 3 * 2 * cfg['n_layer'] * cfg['n_head'] * cfg['d_head'] * klen   # QK, QR, AV
+    return f
+
+
+def timed(step, steps, warmup, device):
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    sync()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_model(cfg, env, steps, warmup):
+    dev, world = env['device'], env['world']
+    torch.manual_seed(cfg['seed'])
+    if cfg['model'] == 'nmt':
+        V = cfg['vocab_size'] if isinstance(cfg['vocab_size'], list) else [cfg['vocab_size']] * 2
+        model = train.build_model(cfg, tuple(V)).to(dev)
+    else:
+        V = cfg['vocab_size']
+        model = train.build_model(cfg, V).to(dev)
+    opt = train.make_optimizer(cfg, model, fused=dev.type == 'cuda')
+    net = train.LossOf(model) if cfg['model'] == 'nmt' else model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env['local_rank']])
+    fwd = torch.compile(net) if cfg['compile'] else net
+    g = torch.Generator().manual_seed(cfg['seed'] + env['rank'])
+    if cfg['model'] == 'nmt':   # sentences of 20-30 tokens filling max_tokens per micro-batch
+        L = 25
+        B = cfg['max_tokens'] // (L + 2)
+        src = zipf(V[0] - 4, (B, L + 1), dev, g) + 4
+        tgt = zipf(V[1] - 4, (B, L + 2), dev, g) + 4
+        S, T = L + 1, L + 1                    # encoder positions, decoder positions
+        tokens, state = B * (S + T), None
+        # each source token passes the encoder, each target token the decoder (~half the
+        # context parameters each); attention: encoder self, decoder self, cross
+        flops = (6 * count_params(model)['context'] * B * T
+                 + 12 * cfg['enc_layers'] * cfg['d_model'] * B * (S * S + T * T + S * T))
+    else:
+        B, T = cfg['batch_size'] // world, cfg['bptt']
+        data = [zipf(V, (T + 1, B), dev, g) for _ in range(4)]
+        tokens, state = B * T, [None]
+        flops = flops_per_token(cfg, model) * tokens
+    it = [0]
+
+    def step():
+        with env['ctx']:
+            if cfg['model'] == 'nmt':
+                loss_sum, n = fwd(src, tgt, label_smoothing=cfg['label_smoothing'])
+                loss = loss_sum / n
+            else:
+                d = data[it[0] % len(data)]
+                loss, _, state[0] = train.lm_forward(fwd, d[:-1], d[1:], state[0])
+        loss.backward()
+        if cfg['grad_clip']:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        it[0] += 1
+
+    dt = timed(step, steps, warmup, dev)
+    with torch.no_grad(), env['ctx']:
+        if cfg['model'] == 'nmt':
+            loss_sum, n = fwd(src, tgt)
+            loss = loss_sum / n
+        else:
+            loss = train.lm_forward(fwd, data[0][:-1], data[0][1:], state[0])[1]
+    tok_s = tokens * world / dt
+    mfu = flops / dt / PEAK_FLOPS if dev.type == 'cuda' else float('nan')
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == 'cuda' else float('nan')
+    env['log'](f"bench | {cfg['config'] or cfg['model']} embed={cfg['embed']} n={cfg['n']} "
+               f"compile={cfg['compile']} ranks={world} | {tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
+               f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB | loss {loss.item():.3f} (finite: "
+               f"{bool(torch.isfinite(loss))})")
+    return tok_s
+
+
+def bench_io(env, steps, warmup):
+    """Issue-2 measurement: the input path (fwd + bwd) of DeFINE vs the projective embedding
+    on a 60 x 150 Zipf batch over WikiText-103's vocabulary, dedup on/off, and the cache."""
+    dev, V, C = env['device'], 267_735, [20000, 40000, 200000]
+    ids = [zipf(V, (150, 60), dev) for _ in range(4)]
+    rows = []
+    cases = [('projective n=128 d=384', dict(kind='projective', n=128)),
+             ('define n=128 k=4096 m=384 N=3', dict(kind='define', n=128, dedup=False)),
+             ('define ... dedup', dict(kind='define', n=128, dedup=True))]
+    for name, kw in cases:
+        kind = kw.pop('kind')
+        io = TokenIO(kind, V, 384, cutoffs=C, k=4096, m=384, depth=3, **kw).to(dev)
+        grad = torch.randn(150, 60, 384, device=dev)
+        it = [0]
+
+        def step():
+            with env['ctx']:
+                y = io.embed(ids[it[0] % 4])
+            (y.float() * grad).sum().backward()
+            it[0] += 1
+
+        rows.append((name, 1000 * timed(step, steps, warmup, dev)))
+    io.eval()
+    io.cache()
+    table = torch.nn.Embedding(V, 384).to(dev)
+    for name, fn in [('cache lookup (V x 384)', lambda i: io.embed(i)),
+                     ('nn.Embedding (V x 384)', lambda i: table(i))]:
+        with torch.no_grad():
+            rows.append((name, 1000 * timed(lambda: fn(ids[0]), steps, warmup, dev)))
+    uniq = torch.unique(ids[0]).numel()
+    env['log'](f"input path, 60 x 150 Zipf ids over V={V} ({uniq} distinct in a batch)")
+    for name, ms in rows:
+        env['log'](f"  {name:<34} {ms:8.3f} ms  ({'fwd' if 'look' in name or 'nn.' in name else 'fwd+bwd'})")
+
+
+def main():
+    argv, steps, warmup, what = list(sys.argv[1:]), 20, 5, 'model'
+    for flag in ('--steps', '--warmup-steps', '--what'):
+        if flag in argv:
+            i = argv.index(flag)
+            val = argv[i + 1]
+            del argv[i:i + 2]
+            if flag == '--steps':
+                steps = int(val)
+            elif flag == '--warmup-steps':
+                warmup = int(val)
+            else:
+                what = val
+    cfg = train.get_config(argv)
+    env = train.setup(dict(cfg, save=False))
+    try:
+        if what == 'io':
+            bench_io(env, steps, warmup)
+        else:
+            bench_model(cfg, env, steps, warmup)
+    finally:
+        if env['world'] > 1:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

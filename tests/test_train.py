@@ -1,0 +1,189 @@
+"""train.py end to end on CPU: parameter counts of the paper, the loop on real data, exact
+resume, DDP against a single process, and the errors a user meets."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+
+TINY_LSTM = ['--config', 'ptb_awd_lstm', '--device', 'cpu', '--d-model', '16', '--n', '8',
+             '--lstm-hidden', '24', '--k', '32', '--depth', '2', '--batch-size', '4', '--bptt', '12',
+             '--eval-batch-size', '4', '--test-batch-size', '4', '--eval-max-tokens', '2000',
+             '--log-interval', '5']
+TINY_TXL = ['--model', 'txl', '--device', 'cpu', '--d-model', '32', '--n-layer', '2', '--n-head', '2',
+            '--d-head', '16', '--d-inner', '64', '--n', '16', '--k', '64', '--m', '32', '--batch-size', '4',
+            '--bptt', '12', '--mem-len', '12', '--eval-batch-size', '4', '--test-batch-size', '4',
+            '--eval-max-tokens', '1000', '--eval-interval', '0', '--log-interval', '2', '--lr', '1e-3',
+            '--warmup', '0']
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('cache'))   # tokenized corpora, shared by this module
+
+
+def run(argv, capsys=None):
+    res = train.main([str(a) for a in argv])
+    return res, (capsys.readouterr().out if capsys else None)
+
+
+def model_tensors(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+
+# ------------------------------------------------------------------ parameter counts
+
+def params_line(argv, capsys):
+    _, out = run(argv + ['--count-params'], capsys)
+    line = next(ln for ln in out.splitlines() if ln.startswith('params '))
+    return {k: int(v) for k, v in (kv.split('=') for kv in line.split()[1:])}
+
+
+@pytest.mark.parametrize("argv,want", [
+    (['--config', 'ptb_awd_lstm', '--embed', 'standard'], dict(total=24.22)),
+    (['--config', 'wt103_lstm', '--embed', 'standard', '--n', '256'], dict(context=23.36, io=68.81, total=92.17)),
+    (['--config', 'wt103_lstm', '--embed', 'adaptive', '--n', '256'], dict(context=23.36, io=9.25, total=32.61)),
+    (['--config', 'wt103_lstm', '--embed', 'define', '--n', '256'], dict(context=23.36, io=9.25)),
+    (['--config', 'wt103_lstm', '--embed', 'define', '--n', '384', '--depth', '7'], dict(context=24.73, io=13.90)),
+    (['--config', 'wt103_lstm', '--embed', 'define', '--n', '512', '--depth', '11'], dict(context=26.24, io=18.55)),
+    (['--config', 'wt103_txl_base'], dict(context=41.07, io=110.04, total=151.11)),
+    (['--config', 'wt103_txl', '--embed', 'projective', '--n', '384'], dict(context=36.25, io=103.08, total=139.33)),
+    (['--config', 'wt103_txl', '--embed', 'define', '--n', '256'], dict(context=36.25, io=69.20)),
+    (['--config', 'wt103_txl', '--embed', 'define', '--n', '128'], dict(context=36.25, io=34.73)),
+    (['--config', 'wt103_txl', '--embed', 'projective', '--n', '64'], dict(context=36.25, io=17.50, total=53.75)),
+])
+def test_count_params_reproduces_the_paper(argv, want, capsys):
+    got = params_line(argv, capsys)
+    assert got['total'] == got['define'] + got['context'] + got['io']
+    for key, millions in want.items():
+        assert round(got[key] / 1e6, 2) == millions, (key, got)
+
+
+def test_count_params_for_translation(capsys):
+    std = params_line(['--config', 'wmt14_transformer_base', '--embed', 'standard'], capsys)
+    dfn = params_line(['--config', 'wmt14_transformer_base', '--embed', 'define'], capsys)
+    assert dfn['define'] > 0 and dfn['total'] < std['total']
+
+
+# ------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("argv,match", [
+    (['--model', 'gru'], "--model 'gru' unknown"),
+    (['--embed', 'sparse'], "--embed 'sparse' unknown"),
+    (['--bogus', '1'], "unknown setting --bogus"),
+    (['--config', 'nope'], "no preset 'nope'"),
+])
+def test_bad_settings_exit_with_a_message(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        train.main(argv)
+
+
+def test_unknown_dataset_names_the_known_ones():
+    with pytest.raises(SystemExit, match="--dataset 'imdb' unknown.*'ptb'"):
+        run(TINY_LSTM + ['--dataset', 'imdb'])
+
+
+def test_corrupt_and_mismatched_checkpoints(data_root, cache, tmp_path):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint at all')
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path]
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        run(args + ['--resume', bad, '--max-iters', '1'])
+    run(args + ['--max-iters', '1'])
+    with pytest.raises(SystemExit, match="does not fit this model.*lstm_hidden"):
+        run(args + ['--resume', tmp_path / 'ckpt.pt', '--lstm-hidden', '20', '--max-iters', '2'])
+
+
+# ------------------------------------------------------------------ the loop
+
+def test_tiny_lstm_learns_real_ptb(data_root, cache, tmp_path, capsys):
+    res, out = run(TINY_LSTM + ['--embed', 'define', '--data-dir', data_root, '--cache-dir', cache,
+                                '--out-dir', tmp_path, '--max-iters', '60', '--lr', '10'], capsys)
+    rows = [json.loads(r) for r in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    losses = [r['train_loss'] for r in rows if 'train_loss' in r]
+    assert losses[-1] < losses[0] - 1.0, losses             # from ln(10000) = 9.2 down
+    assert math.isfinite(res['test_ppl']) and res['test_ppl'] < 10000
+    assert 'params define=' in out and 'config {' in out
+    assert {'step', 'tokens', 'train_loss', 'lr', 'tok_s'} <= set(rows[1])
+
+
+@pytest.mark.parametrize("embed", ['standard', 'projective', 'adaptive', 'define'])
+def test_txl_runs_with_every_embedding(embed, data_root, cache, tmp_path):
+    extra = ['--cutoffs', '[2000,10000]'] if embed == 'adaptive' else []
+    if embed == 'standard':
+        extra += ['--n', 'None']
+    res, _ = run(TINY_TXL + ['--embed', embed, '--data-dir', data_root, '--cache-dir', cache,
+                             '--out-dir', tmp_path, '--max-iters', '3'] + extra)
+    assert math.isfinite(res['test_ppl'])
+
+
+def test_resume_is_bitwise_exact(data_root, cache, tmp_path):
+    # dropout on and variable BPTT: the RNGs, data position and carried state must all resume
+    args = TINY_LSTM + ['--embed', 'define', '--data-dir', data_root, '--cache-dir', cache,
+                        '--eval-interval', '4', '--unit-dropout', '0.1']
+    run(args + ['--max-iters', '10', '--out-dir', tmp_path / 'a'])
+    run(args + ['--max-iters', '5', '--out-dir', tmp_path / 'b'])
+    run(args + ['--max-iters', '10', '--out-dir', tmp_path / 'b', '--resume', tmp_path / 'b' / 'ckpt.pt'])
+    a, b = model_tensors(tmp_path / 'a' / 'ckpt.pt'), model_tensors(tmp_path / 'b' / 'ckpt.pt')
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, cache, tmp_path, capsys):
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path]
+    run(args + ['--max-iters', '2'])
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(args + ['--max-iters', '40', '--resume', tmp_path / 'ckpt.pt', '--lr', '1e38',
+                    '--grad-clip', '0', '--eval-interval', '0'])
+    assert e.value.code == 2
+    assert 'the loss is' in capsys.readouterr().out
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good
+
+
+def test_averager_is_the_mean_of_the_iterates():
+    p = torch.nn.Parameter(torch.zeros(3))
+    avg = train.Averager([p])
+    seen = []
+    for step in range(5):
+        with torch.no_grad():
+            p.add_(torch.randn(3))
+        if step == 1:
+            avg.start()
+        else:
+            avg.update()
+        if step >= 1:
+            seen.append(p.detach().clone())
+    torch.testing.assert_close(avg.avg[0], torch.stack(seen).mean(0))
+    before = p.detach().clone()
+    avg.swap()
+    torch.testing.assert_close(p.detach(), torch.stack(seen).mean(0))
+    avg.swap()
+    assert torch.equal(p.detach(), before)
+
+
+def test_ddp_two_processes_equal_one(data_root, cache, tmp_path):
+    # dropouts off: two gloo ranks with half the streams each = one process with all of them
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--max-iters', '6',
+                        '--dropout', '0', '--dropouth', '0', '--dropouti', '0', '--dropoute', '0',
+                        '--wdrop', '0', '--eval-interval', '0', '--eval-max-tokens', '200']
+    # torchrun's own parser would take --n for an abbreviation of its options: write n=8
+    args = [f'n={args[i + 1]}' if a == '--n' else str(a) for i, a in enumerate(args)
+            if i == 0 or args[i - 1] != '--n']
+    run(args + ['--out-dir', tmp_path / 'one'])
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                        '--nproc_per_node=2', str(ROOT / 'train.py')] + args +
+                       ['--out-dir', str(tmp_path / 'two')], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a, b = model_tensors(tmp_path / 'one' / 'ckpt.pt'), model_tensors(tmp_path / 'two' / 'ckpt.pt')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
