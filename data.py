@@ -401,6 +401,7 @@ class ParallelCorpus:
     src_vocab: list  # SPECIALS, then by training frequency; the same object as tgt_vocab when joint
     tgt_vocab: list
     splits: dict     # split -> (src, tgt): lists of 1-D int32 arrays (views), no <s>/</s>
+    paths: dict = None   # (split, 'src'|'tgt') -> the text file it was read from
     pad: int = 0
     unk: int = 1
     bos: int = 2
@@ -413,6 +414,10 @@ class ParallelCorpus:
     @cached_property
     def tgt_stoi(self):
         return {w: i for i, w in enumerate(self.tgt_vocab)}
+
+    def text(self, split, side='tgt'):
+        """The split's sentences as the file has them, spaces normalised: BLEU's references."""
+        return [' '.join(ln.split()) for ln in _lines(self.paths[split, side])]
 
     def lengths(self, split):
         """-> (src_lens, tgt_lens) int64 arrays, the input of token_batches."""
@@ -501,7 +506,7 @@ def parallel_corpus(name, src='en', tgt='de', joint_vocab=False, max_vocab=None,
         ids, starts = np.load(out / f'{split}.{side}.npy'), np.load(out / f'{split}.{side}.starts.npy').tolist()
         return [ids[a:b] for a, b in zip(starts[:-1], starts[1:])]
     splits = {s: (sentences(s, 'src'), sentences(s, 'tgt')) for s in spec['splits']}
-    return ParallelCorpus(name, src, tgt, src_vocab, tgt_vocab, splits)
+    return ParallelCorpus(name, src, tgt, src_vocab, tgt_vocab, splits, paths)
 
 
 def token_batches(src_lens, tgt_lens, max_tokens, seed=0, epoch=0, rank=0, world_size=1, shuffle=True):
