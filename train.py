@@ -43,6 +43,7 @@ DEFAULTS = dict(
     out_dir='out',            # checkpoints and metrics.jsonl
     vocab_size=None,          # presets carry it so that --count-params needs no data
     device='auto',            # auto | cpu | cuda
+    dtype='bfloat16',         # GPU autocast dtype: bfloat16 | float32 (no autocast); CPU: float32
     compile=False,            # torch.compile the model
     seed=1111,
     # --- token representation (define.TokenIO)
@@ -64,6 +65,7 @@ DEFAULTS = dict(
     lstm_hidden=1150, lstm_layers=3,
     dropout=0.4, dropouth=0.25, dropouti=0.4, dropoute=0.1, wdrop=0.5,
     alpha=2.0, beta=1.0,      # activation and temporal activation regularisation
+    rnn_fp32=False,           # keep the LSTM recurrence in float32 under bf16 autocast
     asgd=False, nonmono=5,    # NT-ASGD: average once validation stalls for nonmono evals
     # --- Transformer-XL
     n_layer=16, n_head=10, d_head=41, d_inner=2100, dropatt=0.0,
@@ -154,7 +156,11 @@ def _parse(text, default):
 
 def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None):
     e = cfg['embed']
-    kw = dict(cutoffs=cfg['cutoffs'], d_hidden=d_hidden, init_std=init_std,
+    # Transformers scale a table lookup by sqrt(d) (its rows start with std ~ d^-1/2 or 0.02);
+    # a DeFINE unit ends in a Reduce of LayerNorm-ed features, already O(1): scaling it too
+    # made it ~16x the position signal and broke bf16 training of the translation model
+    scale = d_model ** 0.5 if cfg['model'] in ('txl', 'nmt') and e != 'define' else 1.0
+    kw = dict(cutoffs=cfg['cutoffs'], d_hidden=d_hidden, init_std=init_std, embed_scale=scale,
               factor=None if e == 'standard' else cfg['factor'])
     if e == 'define':
         kw.update(n=cfg['n'], k=cfg['k'], m=cfg['m'] or d_model, depth=cfg['depth'],
@@ -175,7 +181,7 @@ def build_model(cfg, vocab):
         io = build_io(cfg, vocab, d, d_hidden=n if cfg['embed'] == 'define' else d)
         return AWDLSTM(io, cfg['lstm_hidden'], cfg['lstm_layers'], cfg['dropout'],
                        cfg['dropouth'], cfg['dropouti'], cfg['dropoute'], cfg['wdrop'],
-                       cfg['alpha'], cfg['beta'])
+                       cfg['alpha'], cfg['beta'], cfg['rnn_fp32'])
     if cfg['model'] == 'txl':
         from txl_lm import TransformerXL
         io = build_io(cfg, vocab, cfg['d_model'], init_std=0.02)   # the published init
@@ -488,10 +494,13 @@ def train_lm(cfg, env):
 
     model.train()
     rows, t0, tokens, loss_acc, n_acc = train.size(0), time.time(), 0, torch.zeros((), device=device), 0
+    t_epoch = t0
     while not ((cfg['max_iters'] is not None and st['step'] >= cfg['max_iters']) or
                (cfg['max_epochs'] is not None and st['epoch'] >= cfg['max_epochs'])):
         if st['pos'] >= rows - 2:               # end of an epoch: state starts afresh
             st['epoch'], st['pos'], states = st['epoch'] + 1, 0, [None] * accum
+            log(f"epoch {st['epoch']} done in {time.time() - t_epoch:.1f} s")
+            t_epoch = time.time()
             if not cfg['eval_interval']:
                 evaluate_and_save()
             continue
@@ -593,10 +602,14 @@ def evaluate_nmt(cfg, env, model, corpus, split, bleu=False):
     import nmt
     model.eval()
     src, tgt = corpus.splits[split]
+    refs = corpus.text(split)
+    if cfg['eval_max_tokens']:      # a quick look: the first sentences up to the cap
+        n = int(np.searchsorted(np.cumsum([len(t) for t in tgt]), cfg['eval_max_tokens'])) + 1
+        src, tgt, refs = src[:n], tgt[:n], refs[:n]
     total, count = 0.0, 0
     lens = [len(s) for s in src], [len(t) for t in tgt]
     for b in D.token_batches(*lens, cfg['max_tokens'], shuffle=False):
-        s, t = D.collate(corpus.splits[split], b)
+        s, t = D.collate((src, tgt), b)
         with env['ctx']:
             loss_sum, n = model.loss(s.to(env['device']), t.to(env['device']), label_smoothing=0.0)
         total, count = total + loss_sum.float(), count + n
@@ -606,10 +619,9 @@ def evaluate_nmt(cfg, env, model, corpus, split, bleu=False):
         with env['ctx']:
             hyps = translate_ids(model, src, cfg, env['device'])
         hyp_txt = [D.detokenize(h, corpus.tgt_vocab) for h in hyps]
-        ref_txt = [D.detokenize(t, corpus.tgt_vocab) for t in tgt]
-        score, sig = nmt.bleu(hyp_txt, ref_txt, tokenize=cfg['bleu_tokenize'])
-        env['log'](f"BLEU {split} {score:.2f} ({sig}; references are the {cfg['corpus_variant']} "
-                   f"files, unknown words as <unk>)")
+        score, sig = nmt.bleu(hyp_txt, refs, tokenize=cfg['bleu_tokenize'])
+        env['log'](f"BLEU {split} {score:.2f} on {len(refs)} sentences (sacreBLEU {sig}; against "
+                   f"the {cfg['corpus_variant']} reference files as written)")
     model.train()
     return nll, score
 
@@ -774,7 +786,10 @@ def setup(cfg):
             with open(out / 'metrics.jsonl', 'a') as f:
                 f.write(json.dumps(dict(time=round(time.time(), 3), **row)) + '\n')
 
-    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    if cfg['dtype'] not in ('bfloat16', 'float32'):
+        sys.exit(f"error: --dtype {cfg['dtype']!r} unknown; choose bfloat16 or float32")
+    bf16 = device.type == 'cuda' and cfg['dtype'] == 'bfloat16'
+    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
     return dict(rank=rank, world=world, local_rank=local_rank, device=device, master=master,
                 ctx=ctx, log=log, metrics=metrics)
 

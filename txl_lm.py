@@ -199,9 +199,9 @@ class TransformerXL(nn.Module):
         mems = mems or [None] * (self.n_layer + 1)
         mlen = 0 if mems[0] is None else mems[0].size(0)
         kpad = -(-(mlen + T) // 8) * 8      # keys padded to a multiple of 8 (masked)
-        # The model scales the embedding by sqrt(d_model) as the published one does (here,
-        # not through TokenIO's embed_scale, so any TokenIO can be passed in unchanged).
-        x = self.drop(self.io.embed(ids.t()) * math.sqrt(self.d_model))    # (B, T, d)
+        # io.embed is already scaled: TokenIO's embed_scale is sqrt(d_model) for a table, as
+        # published, and 1 for DeFINE, whose output is O(1) by construction
+        x = self.drop(self.io.embed(ids.t()))                               # (B, T, d)
         pos, mask = self._positions(T, mlen, kpad, x.dtype, x.device)
         pos = self.drop(pos)              # one dropout of the position code, all layers
         cats = []                         # each layer's keys/values input: [memory, x]

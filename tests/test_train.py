@@ -187,3 +187,27 @@ def test_ddp_two_processes_equal_one(data_root, cache, tmp_path):
     a, b = model_tensors(tmp_path / 'one' / 'ckpt.pt'), model_tensors(tmp_path / 'two' / 'ckpt.pt')
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+TINY_NMT = ['--config', 'multi30k_transformer', '--device', 'cpu', '--d-model', '32', '--n-head', '2',
+            '--d-ff', '64', '--enc-layers', '1', '--dec-layers', '1', '--n', '16', '--k', '64', '--m', '32',
+            '--max-tokens', '600', '--eval-max-tokens', '150', '--log-interval', '2', '--max-len-b', '5']
+
+
+@pytest.mark.parametrize("embed", ['standard', 'projective', 'adaptive', 'define'])
+def test_nmt_runs_with_every_embedding_and_translates(embed, data_root, cache, tmp_path, capsys,
+                                                      monkeypatch):
+    extra = ['--cutoffs', '[1000,4000]'] if embed == 'adaptive' else []
+    if embed == 'adaptive':
+        extra += ['--label-smoothing', '0']   # an adaptive softmax has no full distribution to smooth
+    res, out = run(TINY_NMT + ['--embed', embed, '--data-dir', data_root, '--cache-dir', cache,
+                               '--out-dir', tmp_path, '--max-iters', '3'] + extra, capsys)
+    assert math.isfinite(res['test']['ppl']) and 0 <= res['test']['bleu'] <= 100
+    assert 'BLEU test' in out and 'tok:none' in out
+    if embed == 'define':   # the translation entry point: sentences on stdin, one line each out
+        import io
+        monkeypatch.setattr(sys, 'stdin', io.StringIO("a man rides a bike .\ntwo dogs play\n"))
+        _, out = run(['--model', 'nmt', '--translate', '--resume', tmp_path / 'ckpt.pt',
+                      '--device', 'cpu', '--max-len-b', '4'], capsys)
+        lines = [ln for ln in out.splitlines() if not ln.startswith('config')]
+        assert len(lines) == 2

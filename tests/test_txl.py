@@ -83,7 +83,7 @@ def test_relative_attention_equals_naive_four_terms(impl, mem_len, clamp_len, sa
     ids = torch.randint(0, 50, (Q, B))
     mems = [torch.randn(M, B, d, dtype=F64) for _ in range(2)]
     model(ids, mems=mems)
-    x = model.io.embed(ids).transpose(0, 1) * math.sqrt(d)          # (B, Q, d)
+    x = model.io.embed(ids).transpose(0, 1)          # (B, Q, d)
     with torch.no_grad():
         want = naive_attention(attn, x, mems[0].transpose(0, 1), model.r_w_bias, model.r_r_bias,
                                mem_len, clamp_len, same_length)
@@ -155,7 +155,7 @@ def test_memory_shapes_content_and_mem_len_attribute():
     # scaled embedding, the last the last layer's output (= the hidden state, post-norm)
     for a, b in zip(new, mems):
         torch.testing.assert_close(a[:M], b)
-    torch.testing.assert_close(new[0][M:], model.io.embed(ids) * math.sqrt(d))
+    torch.testing.assert_close(new[0][M:], model.io.embed(ids))
     torch.testing.assert_close(new[-1][M:], h)
     # zero-length memory and None are the same thing
     model.mem_len = 3
