@@ -31,23 +31,30 @@ def locked_dropout(x, p, training):   # x (T, B, d): one mask per sequence, shar
 
 class AWDLSTM(nn.Module):
     def __init__(self, io, n_hidden=1150, n_layer=3, dropout=0.4, dropouth=0.25,
-                 dropouti=0.4, dropoute=0.1, wdrop=0.5, alpha=2.0, beta=1.0):
+                 dropouti=0.4, dropoute=0.1, wdrop=0.5, alpha=2.0, beta=1.0, rnn_fp32=False):
         super().__init__()
         if n_layer < 1:
             raise ValueError(f"n_layer={n_layer}: an LSTM LM needs at least one layer")
         self.io = io
         self.dropout, self.dropouth, self.dropouti, self.dropoute = dropout, dropouth, dropouti, dropoute
-        self.wdrop, self.alpha, self.beta = wdrop, alpha, beta
+        self.wdrop, self.alpha, self.beta, self.rnn_fp32 = wdrop, alpha, beta, rnn_fp32
         sizes = [io.d_embed] + [n_hidden] * (n_layer - 1) + [io.d_hidden]
         self.rnns = nn.ModuleList(nn.LSTM(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         for rnn in self.rnns:   # AWD-LSTM's range, U(-1/sqrt(h), 1/sqrt(h)), is nn.LSTM's own
             rnn.flatten_parameters()
 
     def _run(self, rnn, x, hc):
-        if not (self.training and self.wdrop > 0):
-            return rnn(x, hc)
-        w = F.dropout(rnn.weight_hh_l0, self.wdrop, training=True)   # DropConnect, per forward
-        return functional_call(rnn, {'weight_hh_l0': w}, (x, hc))
+        # Under autocast cuDNN runs the recurrence in bf16: each time step reads the whole
+        # hidden-to-hidden matrix, so half the bytes is most of the speed. rnn_fp32 keeps it
+        # in float32 (TF32) instead.
+        with torch.autocast(x.device.type, enabled=torch.is_autocast_enabled(x.device.type)
+                            and not self.rnn_fp32):
+            if self.rnn_fp32 or not torch.is_autocast_enabled(x.device.type):
+                x = x.to(rnn.weight_ih_l0.dtype)
+            if not (self.training and self.wdrop > 0):
+                return rnn(x, hc)
+            w = F.dropout(rnn.weight_hh_l0, self.wdrop, training=True)   # DropConnect
+            return functional_call(rnn, {'weight_hh_l0': w}, (x, hc))
 
     def forward(self, ids, targets, state=None):   # ids, targets: (T, B)
         x = self.io.embed(ids, drop=self.dropoute if self.training else 0.0)   # (T, B, d_embed)

@@ -5,7 +5,8 @@
 model = 'nmt'
 dataset = 'wmt14_en_de'
 src_lang, tgt_lang, corpus_variant = 'en', 'de', 'tok'
-vocab_size = [50001, 50001]
+vocab_size = [50000, 50000]
+max_vocab = 50000             # a multiple of 8: aligned output matmuls
 embed = 'standard'
 d_model, n_head, d_ff, enc_layers, dec_layers = 512, 8, 2048, 6, 6
 n, k, m, depth = 128, 1024, 512, 3
