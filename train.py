@@ -525,7 +525,8 @@ def train_lm(cfg, env):
         avg.update()
         st['step'], st['pos'], n_acc = st['step'] + 1, st['pos'] + seq_len, n_acc + 1
         tokens += y.numel() * world
-        if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1:
+        # a line every log_interval steps, and at least once a minute on slow machines
+        if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1 or time.time() - t0 > 60:
             loss_val = mean_over_ranks(loss_acc / n_acc, world).item()
             check_finite(loss_val, st['step'], log)
             dt = time.time() - t0
@@ -700,7 +701,8 @@ def train_nmt(cfg, env):
         opt.step()
         opt.zero_grad(set_to_none=True)
         st['step'], st['batch'], n_acc = st['step'] + 1, st['batch'] + accum, n_acc + 1
-        if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1:
+        # a line every log_interval steps, and at least once a minute on slow machines
+        if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1 or time.time() - t0 > 60:
             loss_val = mean_over_ranks(loss_acc / n_acc, world).item()
             check_finite(loss_val, st['step'], log)
             dt, tok = time.time() - t0, tokens.item() * world
