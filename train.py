@@ -644,7 +644,7 @@ def train_nmt(cfg, env):
     log(f"batch: up to {batch_tokens} tokens/step = {world} ranks x {accum} accumulation steps "
         f"x {cfg['max_tokens']} tokens")
     train = corpus.splits['train']
-    lens = np.array([len(s) for s in train[0]]), np.array([len(t) for t in train[1]])
+    lens = corpus.lengths('train')
     opt = make_optimizer(cfg, model, fused=device.type == 'cuda')
     st = dict(step=0, epoch=0, batch=0, best_val=float('inf'))
     torch.manual_seed(cfg['seed'] + rank)
@@ -669,7 +669,8 @@ def train_nmt(cfg, env):
             st['best_val'] = v
             if env['master'] and cfg['save']:
                 save_checkpoint(Path(cfg['out_dir']) / 'best.pt', model.state_dict())
-        save(f"ckpt{st['step']}.pt" if cfg['avg_last'] else 'ckpt.pt')
+        if cfg['avg_last']:                     # numbered copies to average at the end
+            save(f"ckpt{st['step']}.pt")
         save()
 
     model.train()
