@@ -47,9 +47,9 @@ class AWDLSTM(nn.Module):
         # Under autocast cuDNN runs the recurrence in bf16: each time step reads the whole
         # hidden-to-hidden matrix, so half the bytes is most of the speed. rnn_fp32 keeps it
         # in float32 (TF32) instead.
-        with torch.autocast(x.device.type, enabled=torch.is_autocast_enabled(x.device.type)
-                            and not self.rnn_fp32):
-            if self.rnn_fp32 or not torch.is_autocast_enabled(x.device.type):
+        low = torch.is_autocast_enabled(x.device.type) and not self.rnn_fp32
+        with torch.autocast(x.device.type, enabled=low):
+            if not low:
                 x = x.to(rnn.weight_ih_l0.dtype)
             if not (self.training and self.wdrop > 0):
                 return rnn(x, hc)

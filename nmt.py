@@ -37,7 +37,6 @@ Choices
 - With two different TokenIOs the source one never predicts tokens: its output layer is
   dropped (src_io.out = None), so every parameter is used (DDP) and counted once.
 """
-import math
 
 import torch
 import torch.nn as nn

@@ -473,11 +473,11 @@ def train_lm(cfg, env):
         avg.swap()                              # NT-ASGD evaluates the averaged weights
         with eval_lengths(model, cfg):
             v = evaluate_lm(model, val, eval_len, env['ctx'], cfg['eval_max_tokens'])
-        if v < st['best_val'] and env['master'] and cfg['save']:
+        best = v < st['best_val']
+        if best and env['master'] and cfg['save']:
             save_checkpoint(Path(cfg['out_dir']) / 'best.pt', model.state_dict())
         avg.swap()
         check_finite(v, st['step'], log)
-        best = v < st['best_val']
         log(f"eval | step {st['step']} | epoch {st['epoch']} | valid loss {v:.3f} | "
             f"ppl {math.exp(v):.2f}{' (best)' if best else ''}"
             f"{' | averaged weights' if avg.avg is not None else ''}")

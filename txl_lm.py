@@ -25,7 +25,6 @@ fused kernels take as they are.
     for ids, targets in stream:                      # (T, B) each
         loss, mems = model(ids, targets, mems)
 """
-import math
 
 import torch
 import torch.nn as nn

@@ -1,6 +1,5 @@
 """define.py against independent oracles: dense block-diagonal matrices, the paper's
 parameter formulas, torch.nn.AdaptiveLogSoftmaxWithLoss, naive per-token loops."""
-import math
 import shutil
 import subprocess
 import sys
