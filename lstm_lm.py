@@ -5,9 +5,10 @@ Stacked single-layer LSTMs, time-major (T, B). The regularisers of the paper:
   it drops rows of the n-wide map, before the unit.
 - locked (variational) dropout: one mask per sequence, shared over time, on the embedding
   (dropouti), between layers (dropouth) and on the output (dropout).
-- DropConnect (wdrop) on each hidden-to-hidden matrix, drawn once per forward. The dropped
-  matrix is handed to the LSTM with torch.func.functional_call, so the Parameter itself is
-  never replaced and train/eval switches cannot break it (the reference WeightDrop does).
+- DropConnect (wdrop) on each hidden-to-hidden matrix, drawn once per forward. The LSTM is
+  then called as a function of its weights with the dropped matrix in place of W_hh
+  (torch.lstm, the op behind nn.LSTM), so the Parameter itself is never replaced and
+  train/eval switches cannot break it (the reference WeightDrop does).
 - AR (alpha: L2 of the dropped last-layer output) and TAR (beta: L2 of the difference of
   consecutive raw last-layer outputs), added to the loss in training only.
 The last LSTM layer is as wide as the output side (io.d_hidden) so the softmax can be tied to
@@ -19,7 +20,6 @@ when training), nll the mean negative log-likelihood, state the detached (h, c) 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 
 def locked_dropout(x, p, training):   # x (T, B, d): one mask per sequence, shared over time
@@ -48,13 +48,22 @@ class AWDLSTM(nn.Module):
         # hidden-to-hidden matrix, so half the bytes is most of the speed. rnn_fp32 keeps it
         # in float32 (TF32) instead.
         low = torch.is_autocast_enabled(x.device.type) and not self.rnn_fp32
-        with torch.autocast(x.device.type, enabled=low):
+        with torch.autocast(x.device.type, enabled=low,
+                            cache_enabled=torch.is_autocast_cache_enabled()):
             if not low:
                 x = x.to(rnn.weight_ih_l0.dtype)
             if not (self.training and self.wdrop > 0):
                 return rnn(x, hc)
-            w = F.dropout(rnn.weight_hh_l0, self.wdrop, training=True)   # DropConnect
-            return functional_call(rnn, {'weight_hh_l0': w}, (x, hc))
+            # DropConnect: the same LSTM called as a function of [W_ih, dropped W_hh, b_ih,
+            # b_hh]. Handing nn.LSTM a replaced weight would make it re-flatten, i.e. move
+            # its Parameters into newly allocated memory, on every call (and break CUDA graphs)
+            w = [rnn.weight_ih_l0, F.dropout(rnn.weight_hh_l0, self.wdrop, training=True),
+                 rnn.bias_ih_l0, rnn.bias_hh_l0]
+            if hc is None:
+                z = x.new_zeros(1, x.size(1), rnn.hidden_size)
+                hc = (z, z)
+            y, h, c = torch.lstm(x, hc, w, True, 1, 0.0, True, False, False)
+            return y, (h, c)
 
     def forward(self, ids, targets, state=None):   # ids, targets: (T, B)
         x = self.io.embed(ids, drop=self.dropoute if self.training else 0.0)   # (T, B, d_embed)
