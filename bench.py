@@ -3,9 +3,13 @@
     python bench.py --config wt103_txl_base --compile True        # one line: tok/s, ms, MFU, memory
     python bench.py --config ptb_awd_lstm --embed define
     python bench.py --what io                                     # the input path alone (DeFINE)
+    python bench.py --config ptb_awd_lstm --what graphs           # CUDA-graph step == eager step
     torchrun --standalone --nproc_per_node=2 bench.py --config wt103_txl_base   # DDP, per-GPU batch
+    python bench.py --config wt103_txl_base --profile True        # + where the GPU time goes
 
-Settings are train.py's (presets and --key value), plus --steps, --warmup-steps and --what.
+Settings are train.py's (presets and --key value), plus --steps, --warmup-steps, --what and
+--profile (after the timing, three steps under torch.profiler: GPU time per step by kernel
+class and the top kernels).
 Tokens are drawn from a Zipf distribution over the vocabulary (rank r with probability
 ~ 1/r), so adaptive-softmax clusters and DeFINE's distinct-token count look like real text.
 MFU counts 6 x (non-embedding parameters) per token plus attention (fwd + bwd, full
@@ -52,7 +56,42 @@ def timed(step, steps, warmup, device):
     return (time.perf_counter() - t0) / steps
 
 
-def bench_model(cfg, env, steps, warmup):
+KERNEL_CLASSES = [   # (class, substrings of CUDA kernel names), first match wins
+    ('matmul', ('gemm', 'nvjet', 'cutlass', 'sm90_xmma', 'cublas', 'splitk')),
+    ('attention', ('flash', 'fmha', 'attention', 'efficient')),
+    ('rnn (cuDNN)', ('rnn', 'lstm', 'persist', 'cudnn')),
+    ('compiled (triton)', ('triton',)),
+    ('copy / cast', ('copy', 'cat', 'pad', 'cast', 'memcpy', 'memset', 'fill')),
+    ('optimizer', ('multi_tensor', 'foreach', 'adam', 'sgd', 'lerp')),
+    ('reduce / softmax / norm', ('reduce', 'softmax', 'norm', 'nll', 'cross_entropy', 'sum')),
+]
+
+
+def profile_steps(step, log, n=3):
+    """GPU kernel time per step, grouped by KERNEL_CLASSES, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    groups = {}
+    for e in ev:
+        name = e.key.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), 'elementwise / other')
+        groups[cls] = groups.get(cls, 0.0) + e.self_device_time_total / n / 1000
+    total = sum(groups.values())
+    log(f"profile | wall {1000 * wall:.2f} ms/step (under the profiler) | GPU kernels {total:.2f} ms/step")
+    for cls, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+        log(f"  {cls:<26} {ms:8.2f} ms  {100 * ms / max(total, 1e-9):5.1f}%")
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:12]:
+        log(f"    {e.self_device_time_total / n / 1000:7.3f} ms x{e.count // n:<4} {e.key[:90]}")
+
+
+def bench_model(cfg, env, steps, warmup, prof=False):
     dev, world = env['device'], env['world']
     torch.manual_seed(cfg['seed'])
     if cfg['model'] == 'nmt':
@@ -67,7 +106,7 @@ def bench_model(cfg, env, steps, warmup):
     net = train.LossOf(model) if cfg['model'] == 'nmt' else model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env['local_rank']])
-    fwd = torch.compile(net) if cfg['compile'] else net
+    fwd = train.compiled(net) if cfg['compile'] else net
     g = torch.Generator().manual_seed(cfg['seed'] + env['rank'])
     if cfg['model'] == 'nmt':   # sentences of 20-30 tokens filling max_tokens per micro-batch
         L = 25
@@ -88,8 +127,18 @@ def bench_model(cfg, env, steps, warmup):
         with torch.no_grad(), env['ctx']:   # carried state from the start: one compiled graph
             state[0] = train.lm_forward(model, data[0][:-1], data[0][1:], None)[2]
     it = [0]
+    graphed = None
+    if (cfg['cuda_graphs'] and cfg['model'] == 'lstm' and dev.type == 'cuda' and world == 1
+            and not cfg['compile']):            # as train.py does
+        graphed = train.GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
 
     def step():
+        if graphed is not None:
+            d = data[it[0] % len(data)]
+            _, state[0] = graphed(d[:-1], d[1:], state[0])
+            opt.step()
+            it[0] += 1
+            return
         with env['ctx']:
             if cfg['model'] == 'nmt':
                 loss_sum, n = fwd(src, tgt, label_smoothing=cfg['label_smoothing'])
@@ -105,6 +154,9 @@ def bench_model(cfg, env, steps, warmup):
         it[0] += 1
 
     dt = timed(step, steps, warmup, dev)
+    mem_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == 'cuda' else float('nan')
+    if prof and dev.type == 'cuda':
+        profile_steps(step, env['log'])
     with torch.no_grad(), env['ctx']:          # eager: no extra compiled graph
         if cfg['model'] == 'nmt':
             loss_sum, n = model.loss(src, tgt)
@@ -113,12 +165,43 @@ def bench_model(cfg, env, steps, warmup):
             loss = train.lm_forward(model, data[0][:-1], data[0][1:], state[0])[1]
     tok_s = tokens * world / dt
     mfu = flops / dt / PEAK_FLOPS if dev.type == 'cuda' else float('nan')
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == 'cuda' else float('nan')
+    mem = mem_peak
     env['log'](f"bench | {cfg['config'] or cfg['model']} embed={cfg['embed']} n={cfg['n']} "
-               f"compile={cfg['compile']} ranks={world} | {tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
+               f"compile={cfg['compile']}{' graphs' if graphed else ''} ranks={world} | {tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
                f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB | loss {loss.item():.3f} (finite: "
                f"{bool(torch.isfinite(loss))})")
     return tok_s
+
+
+def check_graphs(cfg, env):
+    """GPU check of train.GraphedLMStep: the AWD-LSTM trained for a few steps of varying
+    length (dropouts off, float32) eagerly and by graph replays must end with equal weights."""
+    import copy
+    from contextlib import nullcontext
+    if env['device'].type != 'cuda':
+        sys.exit("error: --what graphs checks CUDA graphs and needs a GPU")
+    cfg = dict(cfg, dropout=0, dropouth=0, dropouti=0, dropoute=0, wdrop=0)
+    torch.manual_seed(cfg['seed'])
+    a = train.build_model(cfg, cfg['vocab_size']).to(env['device'])
+    b = copy.deepcopy(a)
+    oa, ob = (torch.optim.SGD(m.parameters(), lr=cfg['lr']) for m in (a, b))
+    graphed = train.GraphedLMStep(b, nullcontext(), cfg['grad_clip'])
+    ids = torch.randint(0, cfg['vocab_size'], (400, cfg['batch_size']), device=env['device'])
+    sa = sb = None
+    pos = 0
+    for T in [70, 65, 70, 35, 70, 65]:
+        x, y = ids[pos:pos + T], ids[pos + 1:pos + T + 1]
+        pos += T
+        loss, _, sa = train.lm_forward(a, x, y, sa)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(a.parameters(), cfg['grad_clip'])
+        oa.step()
+        oa.zero_grad(set_to_none=True)
+        _, sb = graphed(x, y, sb)
+        ob.step()
+    diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    env['log'](f"graphs | {len(graphed.graphs)} CUDA graphs, 6 steps: max |eager - graphed| "
+               f"weight difference {diff:.3e} ({'PASS' if diff < 1e-5 else 'FAIL'})")
 
 
 def bench_io(env, steps, warmup):
@@ -157,8 +240,8 @@ def bench_io(env, steps, warmup):
 
 
 def main():
-    argv, steps, warmup, what = list(sys.argv[1:]), 20, 5, 'model'
-    for flag in ('--steps', '--warmup-steps', '--what'):
+    argv, steps, warmup, what, prof = list(sys.argv[1:]), 20, 5, 'model', False
+    for flag in ('--steps', '--warmup-steps', '--what', '--profile'):
         if flag in argv:
             i = argv.index(flag)
             val = argv[i + 1]
@@ -167,6 +250,8 @@ def main():
                 steps = int(val)
             elif flag == '--warmup-steps':
                 warmup = int(val)
+            elif flag == '--profile':
+                prof = val.lower() in ('1', 'true', 'yes')
             else:
                 what = val
     cfg = train.get_config(argv)
@@ -174,8 +259,10 @@ def main():
     try:
         if what == 'io':
             bench_io(env, steps, warmup)
+        elif what == 'graphs':
+            check_graphs(cfg, env)
         else:
-            bench_model(cfg, env, steps, warmup)
+            bench_model(cfg, env, steps, warmup, prof)
     finally:
         if env['world'] > 1:
             torch.distributed.destroy_process_group()
