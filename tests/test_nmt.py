@@ -84,9 +84,10 @@ def _copy_into_torch_layers(model):
     return enc, dec
 
 
+@pytest.mark.parametrize("attn_impl", ['math', 'sdpa'])
 @pytest.mark.parametrize("pre_norm", [False, True])
-def test_model_equals_torch_transformer_layers(pre_norm):
-    model = _model(pre_norm=pre_norm).double().eval()
+def test_model_equals_torch_transformer_layers(pre_norm, attn_impl):
+    model = _model(pre_norm=pre_norm, attn_impl=attn_impl).double().eval()
     with torch.no_grad():                        # LayerNorms away from their (1, 0) init
         for name, p in model.named_parameters():
             if 'norm' in name:
@@ -118,9 +119,10 @@ def test_model_equals_torch_transformer_layers(pre_norm):
 
 # ---------------------------------------------------------------- incremental decoding
 
+@pytest.mark.parametrize("attn_impl", ['math', 'sdpa'])
 @pytest.mark.parametrize("pre_norm", [False, True])
-def test_cached_steps_equal_full_recomputation(pre_norm):
-    model = _model(pre_norm=pre_norm).double().eval()
+def test_cached_steps_equal_full_recomputation(pre_norm, attn_impl):
+    model = _model(pre_norm=pre_norm, attn_impl=attn_impl).double().eval()
     _randomise_output(model)
     src = _random_ids([7, 3, 5], 30)                       # a padded source batch
     tgt = torch.cat([torch.full((3, 1), BOS), _random_ids([9] * 3, 30)], 1)   # (3, 10)
