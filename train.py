@@ -91,6 +91,7 @@ DEFAULTS = dict(
     log_interval=50, eval_interval=None,   # steps (None: evaluate once per epoch)
     eval_max_tokens=None,     # cap tokens per validation pass (None: the whole split)
     eval_only=False, resume=None, count_params=False, save=True,
+    embed_cache=False,        # --eval-only: replace the input path by its lookup table first
 )
 
 
@@ -444,6 +445,7 @@ class GraphedLMStep:
 def evaluate_lm(model, data, seq_len, ctx, max_tokens=None):
     """Mean NLL over a (T, B) token grid, state carried across chunks."""
     import data as D
+    was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
     for i in range(0, data.size(0) - 1, seq_len):
@@ -454,7 +456,7 @@ def evaluate_lm(model, data, seq_len, ctx, max_tokens=None):
         count += y.numel()
         if max_tokens and count >= max_tokens:
             break
-    model.train()
+    model.train(was_training)
     return (total / max(count, 1)).item()
 
 
@@ -696,6 +698,7 @@ def evaluate_nmt(cfg, env, model, corpus, split, bleu=False):
     """(mean token NLL without smoothing, BLEU or None) on a split."""
     import data as D
     import nmt
+    was_training = model.training
     model.eval()
     src, tgt = corpus.splits[split]
     refs = corpus.text(split)
@@ -718,7 +721,7 @@ def evaluate_nmt(cfg, env, model, corpus, split, bleu=False):
         score, sig = nmt.bleu(hyp_txt, refs, tokenize=cfg['bleu_tokenize'])
         env['log'](f"BLEU {split} {score:.2f} on {len(refs)} sentences (sacreBLEU {sig}; against "
                    f"the {cfg['corpus_variant']} reference files as written)")
-    model.train()
+    model.train(was_training)
     return nll, score
 
 
@@ -842,7 +845,14 @@ def translate_stdin(cfg, env):
     src_vocab, tgt_vocab = ck['vocab']['src'], ck['vocab']['tgt']
     model = build_model(mcfg, (len(src_vocab), len(tgt_vocab)))
     load_model_state(model, ck, mcfg)
-    model.to(env['device']).eval()
+    model.to(env['device'])
+    if cfg['embed_cache']:    # DeFINE's inference cache: one (V, d) table per vocabulary
+        model.eval()
+        for io in {id(m): m for m in model.modules() if isinstance(m, TokenIO)}.values():
+            info = io.cache()
+            env['log'](f"embedding cache: {info['rows']} x {info['width']} table "
+                       f"({info['bytes'] / 2**20:.1f} MiB) replaces {info['input_path_params']} "
+                       f"input-path parameters").eval()
     stoi = {w: i for i, w in enumerate(src_vocab)}
     lower = mcfg['corpus_variant'] == 'tok'     # the official Multi30k files are lowercased
     lines = [ln.strip() for ln in sys.stdin]
@@ -919,6 +929,13 @@ def eval_only(cfg, env):
         model = build_model(mcfg, len(corpus.vocab))
     load_model_state(model, ck, mcfg)
     model.to(env['device'])
+    if cfg['embed_cache']:    # DeFINE's inference cache: one (V, d) table per vocabulary
+        model.eval()
+        for io in {id(m): m for m in model.modules() if isinstance(m, TokenIO)}.values():
+            info = io.cache()
+            env['log'](f"embedding cache: {info['rows']} x {info['width']} table "
+                       f"({info['bytes'] / 2**20:.1f} MiB) replaces {info['input_path_params']} "
+                       f"input-path parameters")
     if mcfg['model'] == 'nmt':
         return final_nmt_eval(dict(mcfg, avg_last=0, save=False), env, model, corpus, ck['train']['step'])
     return final_lm_eval(mcfg, env, model, corpus, ck['train']['step'])

@@ -123,6 +123,18 @@ def test_txl_runs_with_every_embedding(embed, data_root, cache, tmp_path):
     assert math.isfinite(res['test_ppl'])
 
 
+def test_eval_with_the_embedding_cache_equals_eval_without(data_root, cache, tmp_path, capsys):
+    run(TINY_TXL + ['--embed', 'define', '--data-dir', data_root, '--cache-dir', cache,
+                    '--out-dir', tmp_path, '--max-iters', '3'])
+    ev = ['--eval-only', 'True', '--resume', tmp_path / 'ckpt.pt', '--data-dir', data_root,
+          '--cache-dir', cache, '--out-dir', tmp_path / 'eval', '--save', 'False']
+    plain, _ = run(ev, capsys)
+    cached, out = run(ev + ['--embed-cache', 'True'], capsys)
+    assert 'embedding cache:' in out
+    assert cached['test_ppl'] == pytest.approx(plain['test_ppl'], rel=1e-5)
+    assert cached['valid_ppl'] == pytest.approx(plain['valid_ppl'], rel=1e-5)
+
+
 def test_resume_is_bitwise_exact(data_root, cache, tmp_path):
     # dropout on and variable BPTT: the RNGs, data position and carried state must all resume
     args = TINY_LSTM + ['--embed', 'define', '--data-dir', data_root, '--cache-dir', cache,

@@ -1,0 +1,58 @@
+"""Validation perplexity against steps (or epochs) from the metrics.jsonl of training runs.
+
+    python plot.py results/wt2_*/ --out results/wt2_txl.png --title "WikiText-2, Transformer-XL"
+    python plot.py results/ptb_* --x epoch --out results/ptb_lstm.png
+
+Each argument is a run folder (or a metrics.jsonl); the legend is the folder name. train.py
+writes one JSON line per log and per evaluation; the evaluation lines carry val_ppl.
+matplotlib is optional for the project: `pip install matplotlib` if it is missing.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read(path):
+    path = Path(path)
+    path = path / 'metrics.jsonl' if path.is_dir() else path
+    if not path.exists():
+        sys.exit(f"error: {path} not found; pass run folders written by train.py (--out-dir)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return path.parent.name, [r for r in rows if 'val_ppl' in r and not r.get('final')]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('runs', nargs='+')
+    ap.add_argument('--x', default='step', choices=['step', 'epoch'])
+    ap.add_argument('--out', default='val_ppl.png')
+    ap.add_argument('--title', default='')
+    ap.add_argument('--ymax', type=float, default=None)
+    args = ap.parse_args()
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for run in args.runs:
+        name, rows = read(run)
+        if rows:
+            ax.plot([r[args.x] for r in rows], [r['val_ppl'] for r in rows], marker='.', label=name)
+    ax.set_xlabel(args.x)
+    ax.set_ylabel('validation perplexity')
+    ax.set_yscale('log')
+    if args.ymax:
+        ax.set_ylim(top=args.ymax)
+    ax.set_title(args.title)
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == '__main__':
+    main()
