@@ -55,6 +55,7 @@ DEFAULTS = dict(
     cutoffs=[],               # adaptive input / softmax band edges
     factor=None,              # band width divisor (None: 4 for adaptive, else 1)
     unit_dropout=0.0,         # dropout inside the DeFINE unit
+    unit_norm=True,           # LayerNorm in each unit layer (the LSTM presets turn it off)
     dedup=True,               # run DeFINE once per distinct token of a batch
     # --- language-model batching
     batch_size=20,            # streams (columns) in a global batch
@@ -168,7 +169,7 @@ def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None):
     if e == 'define':
         kw.update(n=cfg['n'], k=cfg['k'], m=cfg['m'] or d_model, depth=cfg['depth'],
                   g_max=cfg['g_max'], variant=cfg['variant'],
-                  unit_dropout=cfg['unit_dropout'], dedup=cfg['dedup'])
+                  unit_dropout=cfg['unit_dropout'], unit_norm=cfg['unit_norm'], dedup=cfg['dedup'])
     elif e != 'standard':
         kw.update(n=cfg['n'])
     return TokenIO(e, vocab_size, d_model, **kw)
