@@ -3,8 +3,10 @@
     python plot.py results/wt2_*/ --out results/wt2_txl.png --title "WikiText-2, Transformer-XL"
     python plot.py results/ptb_* --x epoch --out results/ptb_lstm.png
 
-Each argument is a run folder (or a metrics.jsonl); the legend is the folder name. train.py
-writes one JSON line per log and per evaluation; the evaluation lines carry val_ppl.
+Each argument is a run folder (or its metrics.jsonl), or a file of train.py's printed output
+(*.log: its `eval | step S | epoch E | valid loss L | ppl P` lines); the legend is the folder
+or file name. train.py writes one JSON line per log and per evaluation; the evaluation lines
+carry val_ppl.
 matplotlib is optional for the project: `pip install matplotlib` if it is missing.
 """
 import argparse
@@ -18,7 +20,15 @@ def read(path):
     path = path / 'metrics.jsonl' if path.is_dir() else path
     if not path.exists():
         sys.exit(f"error: {path} not found; pass run folders written by train.py (--out-dir)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    if path.suffix == '.log':                 # train.py's output: the eval lines
+        rows = []
+        for line in lines:
+            f = [x.split() for x in line.split('|')]
+            if f[0] == ['eval'] and len(f) >= 5:
+                rows.append(dict(step=int(f[1][1]), epoch=int(f[2][1]), val_ppl=float(f[4][1])))
+        return path.stem, rows
+    rows = [json.loads(line) for line in lines if line.strip()]
     return path.parent.name, [r for r in rows if 'val_ppl' in r and not r.get('final')]
 
 
