@@ -847,13 +847,9 @@ def translate_stdin(cfg, env):
     model = build_model(mcfg, (len(src_vocab), len(tgt_vocab)))
     load_model_state(model, ck, mcfg)
     model.to(env['device'])
-    if cfg['embed_cache']:    # DeFINE's inference cache: one (V, d) table per vocabulary
-        model.eval()
-        for io in {id(m): m for m in model.modules() if isinstance(m, TokenIO)}.values():
-            info = io.cache()
-            env['log'](f"embedding cache: {info['rows']} x {info['width']} table "
-                       f"({info['bytes'] / 2**20:.1f} MiB) replaces {info['input_path_params']} "
-                       f"input-path parameters").eval()
+    model.eval()
+    if cfg['embed_cache']:
+        use_embed_cache(model, env['log'])
     stoi = {w: i for i, w in enumerate(src_vocab)}
     lower = mcfg['corpus_variant'] == 'tok'     # the official Multi30k files are lowercased
     lines = [ln.strip() for ln in sys.stdin]
@@ -915,6 +911,15 @@ def count_only(cfg, log):
     return print_params(model, log)
 
 
+def use_embed_cache(model, log):
+    """DeFINE's inference cache: every TokenIO's input path becomes one (V, d) table."""
+    model.eval()
+    for io in {id(m): m for m in model.modules() if isinstance(m, TokenIO)}.values():
+        info = io.cache()
+        log(f"embedding cache: {info['rows']} x {info['width']} table ({info['bytes'] / 2**20:.1f} "
+            f"MiB) replaces {info['input_path_params']} input-path parameters")
+
+
 def eval_only(cfg, env):
     ck = load_checkpoint(cfg['resume'])
     overrides = {k: cfg[k] for k in ('data_dir', 'cache_dir', 'eval_tgt_len', 'eval_mem_len',
@@ -930,13 +935,8 @@ def eval_only(cfg, env):
         model = build_model(mcfg, len(corpus.vocab))
     load_model_state(model, ck, mcfg)
     model.to(env['device'])
-    if cfg['embed_cache']:    # DeFINE's inference cache: one (V, d) table per vocabulary
-        model.eval()
-        for io in {id(m): m for m in model.modules() if isinstance(m, TokenIO)}.values():
-            info = io.cache()
-            env['log'](f"embedding cache: {info['rows']} x {info['width']} table "
-                       f"({info['bytes'] / 2**20:.1f} MiB) replaces {info['input_path_params']} "
-                       f"input-path parameters")
+    if cfg['embed_cache']:
+        use_embed_cache(model, env['log'])
     if mcfg['model'] == 'nmt':
         return final_nmt_eval(dict(mcfg, avg_last=0, save=False), env, model, corpus, ck['train']['step'])
     return final_lm_eval(mcfg, env, model, corpus, ck['train']['step'])

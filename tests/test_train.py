@@ -223,3 +223,11 @@ def test_nmt_runs_with_every_embedding_and_translates(embed, data_root, cache, t
                       '--device', 'cpu', '--max-len-b', '4'], capsys)
         lines = [ln for ln in out.splitlines() if not ln.startswith('config')]
         assert len(lines) == 2
+        # in eval mode (dropout off), so with and without the embedding cache it is the same
+        # function: the same translations
+        monkeypatch.setattr(sys, 'stdin', io.StringIO("a man rides a bike .\ntwo dogs play\n"))
+        _, out = run(['--model', 'nmt', '--translate', '--resume', tmp_path / 'ckpt.pt',
+                      '--device', 'cpu', '--max-len-b', '4', '--embed-cache', 'True'], capsys)
+        cached = [ln for ln in out.splitlines()
+                  if not ln.startswith('config') and not ln.startswith('embedding cache')]
+        assert cached == lines
