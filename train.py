@@ -374,27 +374,24 @@ class GraphedLMStep:
 
     AWD-LSTM on PTB does 1,400 tokens per step but about 700 small kernels (3 layers x 70
     time steps, forward and backward, plus the regularisers): launching them from Python
-    takes longer than running them, and a replay launches them all at once. The graphs
-    share one memory pool (about 60 lengths occur; a pool each would hold ~0.3 GB each):
-    that is safe because they never run concurrently and every graph's outputs stay
-    allocated as long as the graph does. Inputs, the
-    carried state and the gradients live in static buffers: a replay zeroes the gradients
-    and writes them (so the loop must not set them to None), and the caller copies the new
-    state back in. Dropout masks are drawn inside the graph from the CUDA generator, which
-    replays advance as eager steps would; the generator state is restored after each capture,
-    so a resumed run draws what an uninterrupted one draws. Host syncs are not allowed in a
-    graph: DeFINE runs on every token (no torch.unique; same outputs and gradients)."""
+    takes longer than running them, and a replay launches them all at once. The graphs share
+    one memory pool (about 60 lengths occur; a pool each would reserve ~0.3 GB each), which is
+    safe because they never run concurrently and each graph's outputs stay allocated as long
+    as the graph does. Inputs, the carried state and the gradients live in static buffers: a
+    replay zeroes the gradients and writes them (so the loop must not set them to None), and
+    the caller's state is copied in. Dropout masks are drawn inside the graph from the CUDA
+    generator, which replays advance as eager steps do; the generator state is restored after
+    each capture, so capturing draws nothing. Host syncs cannot be captured: DeFINE runs on
+    every token (no torch.unique; the same outputs and gradients)."""
 
     def __init__(self, model, ctx, clip):
-        # autocast's cache of down-cast weights must be off inside captures (a cached copy
-        # made in one graph's memory would be read by another)
+        # autocast's weight-cast cache off, as CUDA graph captures require
         if isinstance(ctx, torch.autocast):
             ctx = torch.autocast(ctx.device, dtype=ctx.fast_dtype, cache_enabled=False)
         self.model, self.ctx, self.clip = model, ctx, clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graphs, self.state, self.pool = {}, None, torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream()   # warm-ups and captures: one stream, so cuDNN's
-        # and cuBLAS's per-stream workspaces exist before any capture needs them
+        self.stream = torch.cuda.Stream()   # warm-ups and captures on one side stream
         if getattr(model.io, 'dedup', False):
             model.io.dedup = False
 
