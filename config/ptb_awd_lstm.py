@@ -7,9 +7,9 @@ embed = 'standard'
 d_model = 400                 # embedding width m; the last LSTM layer is n wide (tied)
 n = 128                       # map width when --embed define (standard: n = d_model)
 k, depth, g_max = 1024, 7, 4
-# no LayerNorm inside the unit under SGD at lr 20-30: the LayerNorm gains and biases take the
-# full clipped step and collapse the unit to one vector for every token within ten steps
-# (PTB: spread across tokens 0.84 -> 0.004, then a unigram model at ppl 681)
+# no LayerNorm inside the unit under SGD at lr 20-30: the large steps grow a component shared
+# by all tokens (biases, shifts), LayerNorm divides by it, and within ten steps every token
+# gets the same vector (PTB: spread across tokens 0.84 -> 0.004, then a unigram model, ppl 681)
 unit_norm = False
 lstm_hidden, lstm_layers = 1150, 3
 dropout, dropouth, dropouti, dropoute, wdrop = 0.4, 0.25, 0.4, 0.1, 0.5

@@ -10,9 +10,9 @@ n = 256
 d_model = None                # = n (n = m in every row)
 cutoffs, factor = [20000, 40000, 200000], 4
 k, depth, g_max = 1024, 3, 4
-# no LayerNorm inside the unit under SGD at lr 20-30: the LayerNorm gains and biases take the
-# full clipped step and collapse the unit to one vector for every token within ten steps
-# (PTB: spread across tokens 0.84 -> 0.004, then a unigram model at ppl 681)
+# no LayerNorm inside the unit under SGD at lr 20-30: the large steps grow a component shared
+# by all tokens (biases, shifts), LayerNorm divides by it, and within ten steps every token
+# gets the same vector (PTB: spread across tokens 0.84 -> 0.004, then a unigram model, ppl 681)
 unit_norm = False
 lstm_hidden, lstm_layers = 1024, 4
 # "as Merity et al. (2018a)": their WikiText-103 settings
