@@ -128,8 +128,7 @@ def bench_model(cfg, env, steps, warmup, prof=False):
             state[0] = train.lm_forward(model, data[0][:-1], data[0][1:], None)[2]
     it = [0]
     graphed = None
-    if (cfg['cuda_graphs'] and cfg['model'] == 'lstm' and dev.type == 'cuda' and world == 1
-            and not cfg['compile']):            # as train.py does
+    if train.GraphedLMStep.wanted(cfg, dev, world):   # as train.py does
         graphed = train.GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
 
     def step():
@@ -154,7 +153,8 @@ def bench_model(cfg, env, steps, warmup, prof=False):
         it[0] += 1
 
     dt = timed(step, steps, warmup, dev)
-    mem_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == 'cuda' else float('nan')
+    # peak memory of the timed steps, read before the profiler runs
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == 'cuda' else float('nan')
     if prof and dev.type == 'cuda':
         profile_steps(step, env['log'])
     with torch.no_grad(), env['ctx']:          # eager: no extra compiled graph
@@ -165,9 +165,9 @@ def bench_model(cfg, env, steps, warmup, prof=False):
             loss = train.lm_forward(model, data[0][:-1], data[0][1:], state[0])[1]
     tok_s = tokens * world / dt
     mfu = flops / dt / PEAK_FLOPS if dev.type == 'cuda' else float('nan')
-    mem = mem_peak
     env['log'](f"bench | {cfg['config'] or cfg['model']} embed={cfg['embed']} n={cfg['n']} "
-               f"compile={cfg['compile']}{' graphs' if graphed else ''} ranks={world} | {tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
+               f"compile={cfg['compile']}{' graphs' if graphed else ''} ranks={world} | "
+               f"{tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
                f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB | loss {loss.item():.3f} (finite: "
                f"{bool(torch.isfinite(loss))})")
     return tok_s

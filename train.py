@@ -395,6 +395,12 @@ class GraphedLMStep:
         if getattr(model.io, 'dedup', False):
             model.io.dedup = False
 
+    @staticmethod
+    def wanted(cfg, device, world, accum=1):
+        """Graphs serve the LSTM on one GPU, one micro-batch per step, not compiled."""
+        return (cfg['cuda_graphs'] and cfg['model'] == 'lstm' and device.type == 'cuda'
+                and world == 1 and accum == 1 and not cfg['compile'])
+
     def _fwd_bwd(self, x, y, state):
         torch._foreach_zero_([p.grad for p in self.params])
         with self.ctx:
@@ -548,8 +554,7 @@ def train_lm(cfg, env):
     ddp = DDP(model, device_ids=[env['local_rank']] if device.type == 'cuda' else None) if world > 1 else model
     fwd = compiled(ddp) if cfg['compile'] else ddp
     graphed = None
-    if (cfg['cuda_graphs'] and cfg['model'] == 'lstm' and device.type == 'cuda' and world == 1
-            and accum == 1 and not cfg['compile']):
+    if GraphedLMStep.wanted(cfg, device, world, accum):
         graphed = GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
         log("CUDA graphs: each training step replays a graph captured per sequence length")
     eval_len = cfg['eval_tgt_len'] or cfg['bptt']
@@ -602,20 +607,21 @@ def train_lm(cfg, env):
         for g in opt.param_groups:
             g['lr'] = lr
         x, y = D.lm_batch(train, st['pos'], seq_len)                       # (T, B/ranks)
-        for j in range(accum if graphed is None else 0):
-            cols = slice(j * micro, (j + 1) * micro)
-            sync = world == 1 or j == accum - 1     # decided before the forward (DDP)
-            with (nullcontext() if sync else ddp.no_sync()), env['ctx']:
-                loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j])
-            (loss / accum).backward()
-            loss_acc += nll.detach().float() / accum
         if graphed is not None:                 # the same step, replayed (clipping included)
             nll, states[0] = graphed(x, y, states[0])
             loss_acc += nll.float()
-        elif cfg['grad_clip']:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-        opt.step()
-        if graphed is None:
+            opt.step()                          # the replay overwrites the gradients
+        else:
+            for j in range(accum):
+                cols = slice(j * micro, (j + 1) * micro)
+                sync = world == 1 or j == accum - 1     # decided before the forward (DDP)
+                with (nullcontext() if sync else ddp.no_sync()), env['ctx']:
+                    loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j])
+                (loss / accum).backward()
+                loss_acc += nll.detach().float() / accum
+            if cfg['grad_clip']:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+            opt.step()
             opt.zero_grad(set_to_none=True)
         avg.update()
         st['step'], st['pos'], n_acc = st['step'] + 1, st['pos'] + seq_len, n_acc + 1
