@@ -849,8 +849,7 @@ def translate_stdin(cfg, env):
     src_vocab, tgt_vocab = ck['vocab']['src'], ck['vocab']['tgt']
     model = build_model(mcfg, (len(src_vocab), len(tgt_vocab)))
     load_model_state(model, ck, mcfg)
-    model.to(env['device'])
-    model.eval()
+    model.to(env['device']).eval()
     if cfg['embed_cache']:
         use_embed_cache(model, env['log'])
     stoi = {w: i for i, w in enumerate(src_vocab)}
