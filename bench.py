@@ -67,7 +67,7 @@ KERNEL_CLASSES = [   # (class, substrings of CUDA kernel names), first match win
 ]
 
 
-def profile_steps(step, log, n=3):
+def profile_steps(step, log, n=3, top=16):
     """GPU kernel time per step, grouped by KERNEL_CLASSES, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
@@ -87,8 +87,22 @@ def profile_steps(step, log, n=3):
     log(f"profile | wall {1000 * wall:.2f} ms/step (under the profiler) | GPU kernels {total:.2f} ms/step")
     for cls, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
         log(f"  {cls:<26} {ms:8.2f} ms  {100 * ms / max(total, 1e-9):5.1f}%")
-    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:12]:
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:top]:
         log(f"    {e.self_device_time_total / n / 1000:7.3f} ms x{e.count // n:<4} {e.key[:90]}")
+    # idle GPU time: the gaps between kernels (all streams merged), and the widest ones with
+    # the kernels on either side (a host sync, a launch-bound stretch, the optimizer's loop)
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps, end, last = [], spans[0][1] if spans else 0, spans[0][2] if spans else ''
+    for s, e, name in spans[1:]:
+        if s > end:
+            gaps.append((s - end, last, name))
+        if e > end:
+            end, last = e, name
+    idle = sum(g for g, _, _ in gaps) / n / 1000
+    log(f"  idle between kernels {idle:.2f} ms/step in {len(gaps) // n} gaps; the widest:")
+    for g, a, b in sorted(gaps, reverse=True)[:6]:
+        log(f"    {g / 1000:7.3f} ms after {a[:45]} before {b[:45]}")
 
 
 def bench_model(cfg, env, steps, warmup, prof=False):

@@ -111,8 +111,9 @@ def get_config(argv):
         if key not in DEFAULTS:
             sys.exit(f"error: unknown setting --{key.replace('_', '-')}; the settings are the keys "
                      f"of DEFAULTS in train.py")
-        if not _ and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
-            val = 'True'                             # a bare flag
+        nxt = argv[i + 1] if i + 1 < len(argv) else '--'
+        if not _ and (nxt.startswith('--') or nxt.partition('=')[0].replace('-', '_') in DEFAULTS):
+            val = 'True'                             # a bare flag (next: a setting of its own)
         elif not _:
             val, i = argv[i + 1], i + 1
         args[key] = val
@@ -150,6 +151,11 @@ def get_config(argv):
 def _parse(text, default):
     if isinstance(default, str):
         return text
+    if isinstance(default, bool):       # 'false' must not turn a switch on
+        low = text.lower()
+        if low not in ('true', 'false', '1', '0', 'yes', 'no'):
+            sys.exit(f"error: {text!r} is not a switch value; use True or False")
+        return low in ('true', '1', 'yes')
     try:
         return ast.literal_eval(text)     # numbers, True/False/None, lists
     except (ValueError, SyntaxError):

@@ -200,6 +200,9 @@ class TransformerXL(nn.Module):
         kpad = -(-(mlen + T) // 8) * 8      # keys padded to a multiple of 8 (masked)
         # io.embed is already scaled: TokenIO's embed_scale is sqrt(d_model) for a table, as
         # published, and 1 for DeFINE, whose output is O(1) by construction
+        # the adaptive softmax's cluster counts start on their way to the host now, so
+        # that reading them at the end does not wait for the whole forward
+        counts = None if targets is None else self.io.loss_counts(targets.t())
         x = self.drop(self.io.embed(ids.t()))                               # (B, T, d)
         pos, mask = self._positions(T, mlen, kpad, x.dtype, x.device)
         pos = self.drop(pos)              # one dropout of the position code, all layers
@@ -212,14 +215,16 @@ class TransformerXL(nn.Module):
             dev = x.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             keep = max(self.mem_len, 0)
+            # detach() although under no_grad: compiled, an output that is a copy of the
+            # embedding (no memory yet) came back requiring grad, tying segments together
             new_mems = [c[:, c.size(1) - min(keep, c.size(1)):].transpose(0, 1).to(dtype)
-                        .contiguous() for c in cats]                        # (L, B, d)
+                        .contiguous().detach() for c in cats]               # (L, B, d)
         if self.ln_f is not None:
             x = self.ln_f(x)
         x = self.drop(x)                  # dropout before the softmax, as published
         if targets is None:
             return x.transpose(0, 1), new_mems
-        return self.io.loss(x, targets.t()), new_mems   # mean over tokens: order is irrelevant
+        return self.io.loss(x, targets.t(), counts=counts), new_mems   # mean over tokens: order is irrelevant
 
     @staticmethod
     def _cat(mem, x):                     # (M, B, d) or None, (B, T, d) -> (B, M + T, d)

@@ -71,6 +71,18 @@ def test_count_params_for_translation(capsys):
     assert dfn['define'] > 0 and dfn['total'] < std['total']
 
 
+
+def test_command_line_forms_parse_alike():
+    forms = [['--count-params', '--k', '2048', '--depth', '7'],
+             ['--count-params', 'k=2048', 'depth=7'],           # a bare flag, then key=value
+             ['--count-params=true', '--k=2048', 'depth=7']]
+    for argv in forms:
+        cfg = train.get_config(argv)
+        assert (cfg['count_params'], cfg['k'], cfg['depth']) == (True, 2048, 7), argv
+    assert train.get_config(['--compile', 'false'])['compile'] is False
+    with pytest.raises(SystemExit, match="not a switch value"):
+        train.get_config(['--compile', 'maybe'])
+
 # ------------------------------------------------------------------ errors
 
 @pytest.mark.parametrize("argv,match", [

@@ -186,6 +186,27 @@ def test_memory_is_detached():
     assert fired == ['segment 2']     # the gradient stops at the segment boundary
 
 
+
+def test_compiled_equals_eager_and_keeps_memory_detached():
+    """torch.compile from an empty memory, three segments with backward, adaptive softmax
+    with early cluster counts: the losses of eager, and the memory never requires grad
+    (compiled, the first memory came back attached to the graph until it was detached
+    explicitly, and the third backward failed)."""
+    torch.manual_seed(0)
+    io = TokenIO('projective', 500, 32, n=32, cutoffs=[50, 200])
+    model = TransformerXL(io, n_layer=2, n_head=2, d_head=16, d_inner=64, mem_len=8, dropout=0.0)
+    fast = torch.compile(model)
+    ids = torch.randint(0, 500, (9, 4, 3))
+    me = mc = None
+    for i in range(3):
+        x, y = ids[:8, :, i], ids[1:, :, i]
+        le, me = model(x, y, me)
+        lc, mc = fast(x, y, mc)
+        assert not any(m.requires_grad for m in mc)
+        torch.testing.assert_close(lc, le)
+        le.backward()
+        lc.backward()
+
 @pytest.mark.parametrize("impl", ATTN_IMPLS)
 def test_bf16_autocast_memory_dtype_and_finite(impl):
     model = tiny(attn_impl=impl, same_length=True, mem_len=6, dropout=0.1).float()
