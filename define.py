@@ -23,8 +23,7 @@ AdaptiveSoftmax(inp, d_hidden, bias=True)
     differs (one projection per band, Transformer-XL style).
 TokenIO(kind, vocab_size, d_model, n=None, ...)
     The seam every model uses. kind in KINDS = ('standard', 'projective', 'adaptive',
-    'define'). .embed(ids) -> (..., d_embed); .loss(hidden, targets, counts=None) -> NLL
-    (counts = .loss_counts(targets), taken before the forward, spares the GPU a drain);
+    'define'). .embed(ids) -> (..., d_embed); .loss(hidden, targets) -> NLL;
     .log_probs(hidden) -> (..., V); .cache() swaps the input path for one lookup table.
 count_params(model) -> dict(define=, io=, context=, total=)
     The split of the paper's tables: DeFINE units, TokenIO (maps, projections, outputs), rest.
@@ -256,28 +255,6 @@ class AdaptiveInput(nn.Module):
         return out
 
 
-class ClusterCounts:
-    """Token counts per adaptive-softmax band on their way to the host: a copy into pinned
-    memory that does not wait for the GPU's queue, and get() waits for that copy alone.
-    Opaque to torch.compile (both ends run eagerly)."""
-
-    @torch.compiler.disable
-    def __init__(self, counts):                 # (n_bands,) int64 on any device
-        if counts.device.type != 'cuda':
-            self.host, self.done = counts, None
-            return
-        self.host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-        self.host.copy_(counts, non_blocking=True)
-        self.done = torch.cuda.Event()
-        self.done.record()
-
-    @torch.compiler.disable
-    def get(self):                              # -> list of int
-        if self.done is not None:
-            self.done.synchronize()
-        return self.host.tolist()
-
-
 class AdaptiveSoftmax(nn.Module):
     """log p(w | h) tied to an AdaptiveInput: full softmax for one band, else adaptive softmax
     (Grave et al. 2017): head = band 0 plus one logit per tail cluster; a tail token's
@@ -324,25 +301,8 @@ class AdaptiveSoftmax(nn.Module):
             parts.append(tail + head[:, c0 + i - 1:c0 + i])
         return torch.cat(parts, -1).view(*lead, self.vocab_size)
 
-    def _bands(self, target, ignore_index):     # (N,) -> band of every target, 0 = head
-        target = torch.where(target != ignore_index, target, 0)
-        edges = torch.tensor(self.bounds[1:-1], device=target.device)
-        return target, torch.bucketize(target, edges, right=True)
-
-    @torch.compiler.disable
-    def counts(self, target, ignore_index=-100):
-        """Start counting the targets of every band, for loss(counts=...). The tail clusters
-        need these counts on the host (one sync per loss). Counted at the end of the
-        forward, the sync drains the GPU, which then idles while the host queues the rest of
-        the step (about 4 ms of 41 on the Transformer-XL base). Counted here, before the
-        forward, the copy to the host waits only for this small kernel."""
-        return ClusterCounts(torch.bincount(self._bands(target.reshape(-1), ignore_index)[1],
-                                            minlength=self.n_tail + 1))
-
-    def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0,
-             counts=None):
-        """Negative log-likelihood of `target` (...,) given h (..., d_hidden); counts: what
-        counts(target, ignore_index) returned (optional)."""
+    def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0):
+        """Negative log-likelihood of `target` (...,) given h (..., d_hidden)."""
         h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
         if self.n_tail == 0:
             return F.cross_entropy(_upcast(self._logits(h, 0, inp)), target, reduction=reduction,
@@ -350,19 +310,16 @@ class AdaptiveSoftmax(nn.Module):
         if label_smoothing:
             raise ValueError("label smoothing needs a full softmax; pass no cutoffs")
         valid = target != ignore_index
-        target, band = self._bands(target, ignore_index)            # (N,) 0 = head
+        target = torch.where(valid, target, 0)
+        band = torch.bucketize(target, torch.tensor(self.bounds[1:-1], device=target.device),
+                               right=True)                     # (N,) 0 = head
         c0 = self.bounds[1]
         head = F.log_softmax(_upcast(self._logits(h, 0, inp)), -1)
         head_idx = torch.where(band == 0, target, c0 + band - 1)
         nll = -head.gather(1, head_idx[:, None]).squeeze(1)     # (N,)
         # one host sync for all clusters: sort tokens by cluster, split by the counts
         order = torch.argsort(band, stable=True)
-        if counts is None:
-            counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
-        counts = counts.get() if isinstance(counts, ClusterCounts) else counts
-        if len(counts) != self.n_tail + 1 or sum(counts) != target.numel():
-            raise ValueError(f"counts {counts} do not belong to these {target.numel()} targets: "
-                             f"pass counts(targets) of the same targets and ignore_index")
+        counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
         for i, idx in enumerate(order.split(counts)[1:], 1):    # empty clusters still run, so
             lo = self.bounds[i]                                  # DDP sees every parameter used
             tail = F.log_softmax(_upcast(self._logits(h[idx], i, inp)), -1)
@@ -452,17 +409,9 @@ class TokenIO(nn.Module):
             x = self.in_proj(x)                     # (..., d_model)
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
-    def loss(self, hidden, targets, reduction='mean', ignore_index=-100, label_smoothing=0.0,
-             counts=None):
-        """NLL of targets (...,) under hidden (..., d_hidden): a scalar, or (N,) for 'none'.
-        counts: loss_counts(targets) taken before the forward (saves a GPU drain)."""
-        return self.out.loss(hidden, targets, self.map, reduction, ignore_index, label_smoothing,
-                             counts)
-
-    def loss_counts(self, targets, ignore_index=-100):
-        """Targets per adaptive-softmax cluster, started now for a later loss(counts=...);
-        None for a full softmax (nothing to count)."""
-        return self.out.counts(targets, ignore_index) if self.out.n_tail else None
+    def loss(self, hidden, targets, reduction='mean', ignore_index=-100, label_smoothing=0.0):
+        """NLL of targets (...,) under hidden (..., d_hidden): a scalar, or (N,) for 'none'."""
+        return self.out.loss(hidden, targets, self.map, reduction, ignore_index, label_smoothing)
 
     def log_probs(self, hidden):                    # (..., d_hidden) -> (..., V) float32
         return self.out.log_probs(hidden, self.map)

@@ -200,9 +200,6 @@ class TransformerXL(nn.Module):
         kpad = -(-(mlen + T) // 8) * 8      # keys padded to a multiple of 8 (masked)
         # io.embed is already scaled: TokenIO's embed_scale is sqrt(d_model) for a table, as
         # published, and 1 for DeFINE, whose output is O(1) by construction
-        # the adaptive softmax's cluster counts start on their way to the host now, so
-        # that reading them at the end does not wait for the whole forward
-        counts = None if targets is None else self.io.loss_counts(targets.t())
         x = self.drop(self.io.embed(ids.t()))                               # (B, T, d)
         pos, mask = self._positions(T, mlen, kpad, x.dtype, x.device)
         pos = self.drop(pos)              # one dropout of the position code, all layers
@@ -224,7 +221,7 @@ class TransformerXL(nn.Module):
         x = self.drop(x)                  # dropout before the softmax, as published
         if targets is None:
             return x.transpose(0, 1), new_mems
-        return self.io.loss(x, targets.t(), counts=counts), new_mems   # mean over tokens: order is irrelevant
+        return self.io.loss(x, targets.t()), new_mems   # mean over tokens: order is irrelevant
 
     @staticmethod
     def _cat(mem, x):                     # (M, B, d) or None, (B, T, d) -> (B, M + T, d)

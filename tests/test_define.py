@@ -202,22 +202,6 @@ def test_adaptive_softmax_matches_torch_adaptive_log_softmax():
 
 
 
-def test_adaptive_softmax_counts_taken_early_give_the_same_loss():
-    io = _io('adaptive')
-    with torch.no_grad():
-        for p in io.out.parameters():
-            p.normal_()
-    h = torch.randn(6, 5, io.d_hidden, dtype=torch.double)
-    y = torch.randint(0, 120, (6, 5))
-    y[0, :2] = -100
-    counts = io.loss_counts(y)
-    assert counts.get() == [int(((y >= lo) & (y < hi)).sum()) + (2 if lo == 0 else 0)
-                      for lo, hi in [(0, 10), (10, 40), (40, 120)]]
-    torch.testing.assert_close(io.loss(h, y, counts=counts), io.loss(h, y))
-    with pytest.raises(ValueError, match="do not belong"):
-        io.loss(h, y, counts=io.loss_counts(y[:3]))
-    assert _io('adaptive', cutoffs=[]).loss_counts(y) is None       # full softmax: no clusters
-
 def _io(kind, **kw):
     args = dict(vocab_size=120, d_model=24, n=16, cutoffs=[10, 40], k=32, depth=2, g_max=2)
     if kind == 'standard':

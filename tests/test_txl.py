@@ -188,8 +188,8 @@ def test_memory_is_detached():
 
 
 def test_compiled_equals_eager_and_keeps_memory_detached():
-    """torch.compile from an empty memory, three segments with backward, adaptive softmax
-    with early cluster counts: the losses of eager, and the memory never requires grad
+    """torch.compile from an empty memory, three segments with backward, adaptive softmax:
+    the losses of eager, and the memory never requires grad
     (compiled, the first memory came back attached to the graph until it was detached
     explicitly, and the third backward failed)."""
     torch.manual_seed(0)
