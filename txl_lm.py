@@ -191,6 +191,14 @@ class TransformerXL(nn.Module):
         states (T, B, d_model) when targets is None; new_mems: the last min(mem_len, M + T)
         positions of [mems, this segment] per layer, detached, contiguous (L, B, d_model), in
         the compute dtype (the autocast dtype under autocast, else the hidden dtype)."""
+        x, new_mems = self.hidden(ids, mems)
+        if targets is None:
+            return x.transpose(0, 1), new_mems
+        return self.io.loss(x, targets.t()), new_mems   # mean over tokens: order is irrelevant
+
+    def hidden(self, ids, mems=None):
+        """The trunk alone, shapes fixed by (ids, mems): (ids (T, B), mems) -> the dropped-out
+        last hidden states (B, T, d_model), new_mems (see forward)."""
         T, B = ids.shape
         if mems is not None and len(mems) != self.n_layer + 1:
             raise ValueError(f"mems must hold n_layer + 1 = {self.n_layer + 1} tensors, "
@@ -218,10 +226,7 @@ class TransformerXL(nn.Module):
                         .contiguous().detach() for c in cats]               # (L, B, d)
         if self.ln_f is not None:
             x = self.ln_f(x)
-        x = self.drop(x)                  # dropout before the softmax, as published
-        if targets is None:
-            return x.transpose(0, 1), new_mems
-        return self.io.loss(x, targets.t()), new_mems   # mean over tokens: order is irrelevant
+        return self.drop(x), new_mems     # dropout before the softmax, as published
 
     @staticmethod
     def _cat(mem, x):                     # (M, B, d) or None, (B, T, d) -> (B, M + T, d)
