@@ -93,7 +93,7 @@ def profile_steps(step, log, n=3, top=16):
     # the kernels on either side (a host sync, a launch-bound stretch, the optimizer's loop)
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA)
-    gaps, end, last = [], spans[0][1] if spans else 0, spans[0][2] if spans else ''
+    gaps, (end, last) = [], spans[0][1:] if spans else (0, '')
     for s, e, name in spans[1:]:
         if s > end:
             gaps.append((s - end, last, name))

@@ -201,7 +201,6 @@ def test_adaptive_softmax_matches_torch_adaptive_log_softmax():
     torch.testing.assert_close(ours.loss(h, target, inp), ref(h, target).loss)
 
 
-
 def _io(kind, **kw):
     args = dict(vocab_size=120, d_model=24, n=16, cutoffs=[10, 40], k=32, depth=2, g_max=2)
     if kind == 'standard':

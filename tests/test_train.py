@@ -71,7 +71,6 @@ def test_count_params_for_translation(capsys):
     assert dfn['define'] > 0 and dfn['total'] < std['total']
 
 
-
 def test_command_line_forms_parse_alike():
     forms = [['--count-params', '--k', '2048', '--depth', '7'],
              ['--count-params', 'k=2048', 'depth=7'],           # a bare flag, then key=value
@@ -82,6 +81,7 @@ def test_command_line_forms_parse_alike():
     assert train.get_config(['--compile', 'false'])['compile'] is False
     with pytest.raises(SystemExit, match="not a switch value"):
         train.get_config(['--compile', 'maybe'])
+
 
 # ------------------------------------------------------------------ errors
 

@@ -186,7 +186,6 @@ def test_memory_is_detached():
     assert fired == ['segment 2']     # the gradient stops at the segment boundary
 
 
-
 def test_compiled_equals_eager_and_keeps_memory_detached():
     """torch.compile from an empty memory, three segments with backward, adaptive softmax:
     the losses of eager, and the memory never requires grad
@@ -206,6 +205,7 @@ def test_compiled_equals_eager_and_keeps_memory_detached():
         torch.testing.assert_close(lc, le)
         le.backward()
         lc.backward()
+
 
 @pytest.mark.parametrize("impl", ATTN_IMPLS)
 def test_bf16_autocast_memory_dtype_and_finite(impl):
