@@ -115,8 +115,7 @@ def bench_model(cfg, env, steps, warmup, prof=False):
         V = cfg['vocab_size']
         model = train.build_model(cfg, V).to(dev)
     opt = train.make_optimizer(cfg, model, fused=dev.type == 'cuda')
-    for grp in opt.param_groups:                # the schedule's peak (noam's lr is a scale)
-        grp['lr'] = train.lr_at(cfg, max(cfg['warmup'] - 1, 0), 0)
+    train.set_lr(opt, train.lr_at(cfg, max(cfg['warmup'] - 1, 0), 0))   # the schedule's peak
     net = train.LossOf(model) if cfg['model'] == 'nmt' else model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env['local_rank']])

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from define import TokenIO, count_params
+from define import DeFINE, TokenIO, count_params
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_PRESET = dict(lstm='ptb_awd_lstm', txl='wt2_txl', nmt='multi30k_transformer')
@@ -56,6 +56,7 @@ DEFAULTS = dict(
     factor=None,              # band width divisor (None: 4 for adaptive, else 1)
     unit_dropout=0.0,         # dropout inside the DeFINE unit
     unit_norm=True,           # LayerNorm in each unit layer (the LSTM presets turn it off)
+    unit_lr=1.0,              # the DeFINE unit's learning rate, as a multiple of lr
     dedup=True,               # run DeFINE once per distinct token of a batch
     # --- language-model batching
     batch_size=20,            # streams (columns) in a global batch
@@ -91,7 +92,8 @@ DEFAULTS = dict(
     # --- logging, evaluation, checkpoints
     log_interval=50, eval_interval=None,   # steps (None: evaluate once per epoch)
     eval_max_tokens=None,     # cap tokens per validation pass (None: the whole split)
-    eval_only=False, resume=None, count_params=False, save=True,
+    eval_only=False, resume=None, count_params=False,
+    save=True,                # checkpoints (metrics.jsonl is always written)
     embed_cache=False,        # --eval-only: replace the input path by its lookup table first
 )
 
@@ -223,11 +225,24 @@ def print_params(model, out=print):
 
 
 def make_optimizer(cfg, model, fused):
+    # two groups: the DeFINE units' parameters run at unit_lr x the learning rate (lr_scale;
+    # the training loops set each group's lr to the schedule's value times its scale)
+    unit = {id(p) for m in model.modules() if isinstance(m, DeFINE) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if id(p) not in unit], lr_scale=1.0),
+              dict(params=[p for p in params if id(p) in unit], lr_scale=cfg['unit_lr'])]
+    groups = [g for g in groups if g['params']]
+    for g in groups:
+        g['lr'] = cfg['lr'] * g['lr_scale']
     if cfg['optimizer'] == 'sgd':
-        return torch.optim.SGD(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-    return torch.optim.AdamW(params, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
+        return torch.optim.SGD(groups, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+    return torch.optim.AdamW(groups, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
                              weight_decay=cfg['weight_decay'], fused=fused)
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g['lr'] = lr * g.get('lr_scale', 1.0)
 
 
 def lr_at(cfg, step, epoch):
@@ -610,8 +625,7 @@ def train_lm(cfg, env):
         lr = lr_at(cfg, st['step'], st['epoch'])
         if cfg['variable_bptt']:                # AWD-LSTM: shorter sequences, smaller steps
             lr *= seq_len / cfg['bptt']
-        for g in opt.param_groups:
-            g['lr'] = lr
+        set_lr(opt, lr)
         x, y = D.lm_batch(train, st['pos'], seq_len)                       # (T, B/ranks)
         if graphed is not None:                 # the same step, replayed (clipping included)
             nll, states[0] = graphed(x, y, states[0])
@@ -794,8 +808,7 @@ def train_nmt(cfg, env):
                 evaluate_and_save()
             continue
         lr = lr_at(cfg, st['step'], st['epoch'])
-        for g in opt.param_groups:
-            g['lr'] = lr
+        set_lr(opt, lr)
         for j in range(accum):
             s, t = D.collate(train, batches[st['batch'] + j])
             s, t = s.to(device, non_blocking=True), t.to(device, non_blocking=True)
@@ -895,7 +908,8 @@ def setup(cfg):
             print(msg, flush=True)
 
     def metrics(**row):   # one JSON line per log / eval, for plots and tables
-        if master and cfg['save']:
+        if master:   # on every run: --save False skips only the checkpoints
+            out.mkdir(parents=True, exist_ok=True)
             with open(out / 'metrics.jsonl', 'a') as f:
                 f.write(json.dumps(dict(time=round(time.time(), 3), **row)) + '\n')
 

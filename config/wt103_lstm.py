@@ -14,6 +14,7 @@ k, depth, g_max = 1024, 3, 4
 # by all tokens (biases, shifts), LayerNorm divides by it, and within ten steps every token
 # gets the same vector (PTB: spread across tokens 0.84 -> 0.004, then a unigram model, ppl 681)
 unit_norm = False
+unit_lr = 0.03                # as for PTB (measured there only)
 lstm_hidden, lstm_layers = 1024, 4
 # "as Merity et al. (2018a)": their WikiText-103 settings
 dropout, dropouth, dropouti, dropoute, wdrop = 0.1, 0.1, 0.1, 0.0, 0.0

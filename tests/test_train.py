@@ -145,6 +145,8 @@ def test_eval_with_the_embedding_cache_equals_eval_without(data_root, cache, tmp
     assert 'embedding cache:' in out
     assert cached['test_ppl'] == pytest.approx(plain['test_ppl'], rel=1e-5)
     assert cached['valid_ppl'] == pytest.approx(plain['valid_ppl'], rel=1e-5)
+    rows = [json.loads(l) for l in open(tmp_path / 'eval' / 'metrics.jsonl')]   # --save False too
+    assert [r['final'] for r in rows] == [True, True] and not list((tmp_path / 'eval').glob('*.pt'))
 
 
 def test_resume_is_bitwise_exact(data_root, cache, tmp_path):
@@ -243,3 +245,16 @@ def test_nmt_runs_with_every_embedding_and_translates(embed, data_root, cache, t
         cached = [ln for ln in out.splitlines()
                   if not ln.startswith('config') and not ln.startswith('embedding cache')]
         assert cached == lines
+
+
+@pytest.mark.parametrize("optimizer", ['sgd', 'adam'])
+def test_unit_lr_scales_only_the_units_parameters(optimizer):
+    cfg = train.get_config(TINY_LSTM[:2] + ['--embed', 'define', 'unit_lr=0.1', f'optimizer={optimizer}'])
+    model = train.build_model(cfg, 50)
+    opt = train.make_optimizer(cfg, model, fused=False)
+    train.set_lr(opt, 20.0)
+    lr_of = {id(p): g['lr'] for g in opt.param_groups for p in g['params']}
+    assert sorted(map(id, model.parameters())) == sorted(lr_of)    # each parameter once
+    unit = {id(p) for p in model.io.unit.parameters()}
+    assert unit and all(lr_of[i] == pytest.approx(2.0) for i in unit)
+    assert all(lr == 20.0 for i, lr in lr_of.items() if i not in unit)
