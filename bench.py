@@ -3,13 +3,15 @@
     python bench.py --config wt103_txl_base --compile True        # one line: tok/s, ms, MFU, memory
     python bench.py --config ptb_awd_lstm --embed define
     python bench.py --what io                                     # the input path alone (DeFINE)
-    python bench.py --config ptb_awd_lstm --what graphs           # CUDA-graph step == eager step
+    python bench.py --config ptb_awd_lstm --what graphs           # CUDA-graph step == eager step (also wt2_txl)
     torchrun --standalone --nproc_per_node=2 bench.py --config wt103_txl_base   # DDP, per-GPU batch
     python bench.py --config wt103_txl_base --profile True        # + where the GPU time goes
 
 Settings are train.py's (presets and --key value), plus --steps, --warmup-steps, --what and
 --profile (after the timing, three steps under torch.profiler: GPU time per step by kernel
-class and the top kernels).
+class and the top kernels). On one GPU, `--compile True` for Transformer-XL replays the trunk
+as CUDA graphs (train.GraphedTrunk; `--cuda-graphs False` without): measured here, not yet
+used by train.py (PERF.md).
 Tokens are drawn from a Zipf distribution over the vocabulary (rank r with probability
 ~ 1/r), so adaptive-softmax clusters and DeFINE's distinct-token count look like real text.
 MFU counts 6 x (non-embedding parameters) per token plus attention (fwd + bwd, full
@@ -143,9 +145,11 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     graphed = None
     if train.GraphedLMStep.wanted(cfg, dev, world):   # as train.py does
         graphed = train.GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
+    if train.GraphedTrunk.wanted(cfg, dev, world):
+        fwd = graphed = train.GraphedTrunk(model, env['ctx'], cfg['compile'])
 
     def step():
-        if graphed is not None:
+        if isinstance(graphed, train.GraphedLMStep):
             d = data[it[0] % len(data)]
             _, state[0] = graphed(d[:-1], d[1:], state[0])
             opt.step()
@@ -193,6 +197,8 @@ def check_graphs(cfg, env):
     from contextlib import nullcontext
     if env['device'].type != 'cuda':
         sys.exit("error: --what graphs checks CUDA graphs and needs a GPU")
+    if cfg['model'] == 'txl':
+        return check_trunk_graphs(cfg, env)
     cfg = dict(cfg, dropout=0, dropouth=0, dropouti=0, dropoute=0, wdrop=0)
     torch.manual_seed(cfg['seed'])
     a = train.build_model(cfg, cfg['vocab_size']).to(env['device'])
@@ -215,6 +221,41 @@ def check_graphs(cfg, env):
     diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
     env['log'](f"graphs | {len(graphed.graphs)} CUDA graphs, 6 steps: max |eager - graphed| "
                f"weight difference {diff:.3e} ({'PASS' if diff < 1e-5 else 'FAIL'})")
+
+
+def check_trunk_graphs(cfg, env):
+    """GPU check of train.GraphedTrunk: Transformer-XL trained for a few segments with memory
+    (dropouts off, float32, SGD), eagerly and with the trunk replayed, must give equal losses
+    and end with equal weights. A short segment in the middle takes the plain path."""
+    import copy
+    from contextlib import nullcontext
+    cfg = dict(cfg, dropout=0, dropatt=0)
+    torch.manual_seed(cfg['seed'])
+    a = train.build_model(cfg, cfg['vocab_size']).to(env['device'])
+    b = copy.deepcopy(a)
+    oa, ob = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
+    graphed = train.GraphedTrunk(b, nullcontext(), compile_it=False)
+    a.io.dedup = False
+    T, B = cfg['bptt'], cfg['batch_size']
+    fill = -(-cfg['mem_len'] // T)           # segments until the memory is full: then capture
+    lengths = [T] * (fill + 2) + [T // 2, T, T]
+    ids = zipf(cfg['vocab_size'], (sum(lengths) + 1, B), env['device'], torch.Generator().manual_seed(0))
+    mems, pos, worst = [None, None], 0, 0.0
+    for t in lengths:
+        x, y = ids[pos:pos + t], ids[pos + 1:pos + t + 1]
+        pos += t
+        losses = []
+        for i, (fwd, opt) in enumerate(((a, oa), (graphed, ob))):
+            loss, mems[i] = fwd(x, y, mems[i])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        worst = max(worst, abs(losses[0] - losses[1]))
+    diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    ok = diff < 1e-4 and worst < 1e-4 and graphed.graphed is not None
+    env['log'](f"graphs | Transformer-XL trunk, {len(lengths)} segments (one short): max |loss difference| "
+               f"{worst:.3e}, max |weight difference| {diff:.3e} ({'PASS' if ok else 'FAIL'})")
 
 
 def bench_io(env, steps, warmup):

@@ -45,7 +45,7 @@ DEFAULTS = dict(
     device='auto',            # auto | cpu | cuda
     dtype='bfloat16',         # GPU autocast dtype: bfloat16 | float32 (no autocast); CPU: float32
     compile=False,            # torch.compile the model
-    cuda_graphs=True,         # AWD-LSTM on one GPU: replay each step as a CUDA graph
+    cuda_graphs=True,         # one GPU: AWD-LSTM's step as CUDA graphs (bench.py: also the TXL trunk)
     seed=1111,
     # --- token representation (define.TokenIO)
     d_model=410,              # model width (LSTM: embedding width m; None = n)
@@ -462,6 +462,66 @@ class GraphedLMStep:
                 s.copy_(v) if v is not None else s.zero_()
         g.replay()
         return nll, new
+
+
+class _Flat(nn.Module):   # a trunk for make_graphed_callables: tensors in, tensors out
+    def __init__(self, model, trunk):
+        super().__init__()
+        self.model, self.trunk = model, trunk   # model: its parameters are the graph's inputs
+
+    def forward(self, ids, *mems):
+        x, new = self.trunk(ids, list(mems))
+        return (x, *new)
+
+
+class GraphedTrunk:
+    """Transformer-XL's forward with the trunk (model.hidden) replayed as CUDA graphs: one
+    for its forward, one for its backward (torch.cuda.make_graphed_callables), captured on
+    the first call with a full memory (mem_len positions); the adaptive softmax stays outside, since its tail
+    clusters change size every step. Same call and result as the model: (ids, targets,
+    mems) -> (loss, new_mems).
+
+    Compiled, the published base step has 36 ms of kernels in 40-54 ms of wall time: the
+    host cannot launch the trunk's ~1,000 kernels per step as fast as the GPU runs them,
+    and a replay launches them at once. Other shapes (the first segment, with no memory
+    yet; a short last segment) and evaluation run the plain model. new_mems are
+    the graph's output buffers, detached: the next call copies them into its inputs before
+    the replay overwrites them. Dropout masks come from the CUDA generator, which every
+    replay advances. DeFINE runs on every token (torch.unique would need a host sync)."""
+
+    def __init__(self, model, ctx, compile_it):
+        self.model, self.ctx, self.graphed, self.shapes = model, ctx, None, None
+        self.trunk = compiled(model.hidden) if compile_it else model.hidden
+        self.loss_fn = torch.compile(model.io.loss, dynamic=True) if compile_it else model.io.loss
+        self.plain = model             # one eager step per epoch: not worth a compile
+        model.io.dedup = False
+
+    @staticmethod
+    def wanted(cfg, device, world, accum=1):
+        """bench.py only, for now: the compiled Transformer-XL on one GPU, one micro-batch per
+        step. Inside train.py's loop the capture fails ('operation would make the legacy
+        stream depend on a capturing blocking stream', eager and compiled; PERF.md), so
+        train.py does not use it yet."""
+        return (cfg['cuda_graphs'] and cfg['compile'] and cfg['model'] == 'txl'
+                and device.type == 'cuda' and world == 1 and accum == 1)
+
+    def __call__(self, ids, targets, mems=None):
+        shapes = (ids.shape, *(m.shape for m in mems or []))
+        full = mems is not None and mems[0].size(0) == self.model.mem_len
+        if not (self.model.training and full and shapes == (self.shapes or shapes)):
+            return self.plain(ids, targets, mems)
+        if self.graphed is None:       # capture (autocast's weight cache off, as required)
+            c = self.ctx
+            ac = (torch.autocast(c.device, dtype=c.fast_dtype, cache_enabled=False)
+                  if isinstance(c, torch.autocast) else nullcontext())
+            with ac:
+                self.graphed = torch.cuda.make_graphed_callables(
+                    _Flat(self.model, self.trunk), (ids.clone(), *(m.clone() for m in mems)),
+                    allow_unused_input=True)
+            self.shapes = shapes
+        out = self.graphed(ids, *mems)
+        with self.ctx:
+            return self.loss_fn(out[0], targets.t()), [m.detach() for m in out[1:]]
 
 
 # ------------------------------------------------------------------------------ LM loops
