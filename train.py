@@ -477,15 +477,15 @@ class _Flat(nn.Module):   # a trunk for make_graphed_callables: tensors in, tens
 class GraphedTrunk:
     """Transformer-XL's forward with the trunk (model.hidden) replayed as CUDA graphs: one
     for its forward, one for its backward (torch.cuda.make_graphed_callables), captured on
-    the first call with a full memory (mem_len positions); the adaptive softmax stays outside, since its tail
-    clusters change size every step. Same call and result as the model: (ids, targets,
-    mems) -> (loss, new_mems).
+    the first call with a full memory (mem_len positions). The adaptive softmax stays
+    outside, since its tail clusters change size every step. Same call and result as the
+    model: (ids, targets, mems) -> (loss, new_mems).
 
     Compiled, the published base step has 36 ms of kernels in 40-54 ms of wall time: the
     host cannot launch the trunk's ~1,000 kernels per step as fast as the GPU runs them,
     and a replay launches them at once. Other shapes (the first segment, with no memory
-    yet; a short last segment) and evaluation run the plain model. new_mems are
-    the graph's output buffers, detached: the next call copies them into its inputs before
+    yet; a short last segment) and evaluation run the plain model. new_mems are the
+    graph's output buffers, detached: the next call copies them into its inputs before
     the replay overwrites them. Dropout masks come from the CUDA generator, which every
     replay advances. DeFINE runs on every token (torch.unique would need a host sync)."""
 
