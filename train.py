@@ -569,7 +569,12 @@ def resume_state(cfg, env, model, opt, extra):
     """Load a checkpoint into model/optimizer; returns it (train state, per-rank state)."""
     ck = load_checkpoint(cfg['resume'])
     load_model_state(model, ck, cfg)
-    opt.load_state_dict(ck['optimizer'])
+    try:
+        opt.load_state_dict(ck['optimizer'])
+    except ValueError as e:   # e.g. one parameter group, written before unit_lr existed
+        sys.exit(f"error: the optimizer state in {cfg['resume']} does not fit this model's "
+                 f"({e}); it was written by an older train.py. Evaluate it with --eval-only "
+                 f"True, or start the run afresh")
     for name, obj in extra.items():
         obj.load_state_dict(ck[name])
     per_rank = ck['per_rank']

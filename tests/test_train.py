@@ -258,3 +258,14 @@ def test_unit_lr_scales_only_the_units_parameters(optimizer):
     unit = {id(p) for p in model.io.unit.parameters()}
     assert unit and all(lr_of[i] == pytest.approx(2.0) for i in unit)
     assert all(lr == 20.0 for i, lr in lr_of.items() if i not in unit)
+
+
+def test_resume_with_a_foreign_optimizer_state_says_what_to_do(tmp_path):
+    cfg = train.get_config(TINY_LSTM[:2] + ['--embed', 'define'])
+    model = train.build_model(cfg, 50)
+    one_group = torch.optim.SGD(model.parameters(), lr=1.0)   # as before unit_lr
+    ck = dict(model=model.state_dict(), config=cfg, optimizer=one_group.state_dict())
+    torch.save(ck, tmp_path / 'old.pt')
+    cfg['resume'] = str(tmp_path / 'old.pt')
+    with pytest.raises(SystemExit, match='older train.py'):
+        train.resume_state(cfg, dict(rank=0, world=1), model, train.make_optimizer(cfg, model, False), {})
