@@ -232,12 +232,13 @@ def make_optimizer(cfg, model, fused):
     groups = [dict(params=[p for p in params if id(p) not in unit], lr_scale=1.0),
               dict(params=[p for p in params if id(p) in unit], lr_scale=cfg['unit_lr'])]
     groups = [g for g in groups if g['params']]
-    for g in groups:
-        g['lr'] = cfg['lr'] * g['lr_scale']
     if cfg['optimizer'] == 'sgd':
-        return torch.optim.SGD(groups, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-    return torch.optim.AdamW(groups, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
-                             weight_decay=cfg['weight_decay'], fused=fused)
+        opt = torch.optim.SGD(groups, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
+                                weight_decay=cfg['weight_decay'], fused=fused)
+    set_lr(opt, cfg['lr'])
+    return opt
 
 
 def set_lr(opt, lr):
@@ -389,6 +390,14 @@ class Averager:
         self.avg = None if s['avg'] is None else [a.to(p.device) for a, p in zip(s['avg'], self.params)]
 
 
+def capture_ctx(ctx):
+    """The autocast context `ctx` with its weight-cast cache off, as CUDA graph captures
+    require (any other context as it is)."""
+    if isinstance(ctx, torch.autocast):
+        return torch.autocast(ctx.device, dtype=ctx.fast_dtype, cache_enabled=False)
+    return ctx
+
+
 class GraphedLMStep:
     """The stateful LM's forward + backward (+ gradient clipping) as CUDA graphs, one per
     sequence length, captured on first use.
@@ -406,10 +415,7 @@ class GraphedLMStep:
     every token (no torch.unique; the same outputs and gradients)."""
 
     def __init__(self, model, ctx, clip):
-        # autocast's weight-cast cache off, as CUDA graph captures require
-        if isinstance(ctx, torch.autocast):
-            ctx = torch.autocast(ctx.device, dtype=ctx.fast_dtype, cache_enabled=False)
-        self.model, self.ctx, self.clip = model, ctx, clip
+        self.model, self.ctx, self.clip = model, capture_ctx(ctx), clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graphs, self.state, self.pool = {}, None, torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream()   # warm-ups and captures on one side stream
@@ -493,7 +499,6 @@ class GraphedTrunk:
         self.model, self.ctx, self.graphed, self.shapes = model, ctx, None, None
         self.trunk = compiled(model.hidden) if compile_it else model.hidden
         self.loss_fn = torch.compile(model.io.loss, dynamic=True) if compile_it else model.io.loss
-        self.plain = model             # one eager step per epoch: not worth a compile
         model.io.dedup = False
 
     @staticmethod
@@ -509,12 +514,9 @@ class GraphedTrunk:
         shapes = (ids.shape, *(m.shape for m in mems or []))
         full = mems is not None and mems[0].size(0) == self.model.mem_len
         if not (self.model.training and full and shapes == (self.shapes or shapes)):
-            return self.plain(ids, targets, mems)
-        if self.graphed is None:       # capture (autocast's weight cache off, as required)
-            c = self.ctx
-            ac = (torch.autocast(c.device, dtype=c.fast_dtype, cache_enabled=False)
-                  if isinstance(c, torch.autocast) else nullcontext())
-            with ac:
+            return self.model(ids, targets, mems)      # eager: rare, not worth a compile
+        if self.graphed is None:
+            with capture_ctx(self.ctx):
                 self.graphed = torch.cuda.make_graphed_callables(
                     _Flat(self.model, self.trunk), (ids.clone(), *(m.clone() for m in mems)),
                     allow_unused_input=True)
