@@ -9,9 +9,8 @@
 
 Settings are train.py's (presets and --key value), plus --steps, --warmup-steps, --what and
 --profile (after the timing, three steps under torch.profiler: GPU time per step by kernel
-class and the top kernels). On one GPU, `--compile True` for Transformer-XL replays the trunk
-as CUDA graphs (train.GraphedTrunk; `--cuda-graphs False` without): measured here, not yet
-used by train.py (PERF.md).
+class and the top kernels). On one GPU the Transformer-XL's trunk
+replays as CUDA graphs, as in train.py (train.GraphedTrunk; `--cuda-graphs False` without).
 Tokens are drawn from a Zipf distribution over the vocabulary (rank r with probability
 ~ 1/r), so adaptive-softmax clusters and DeFINE's distinct-token count look like real text.
 MFU counts 6 x (non-embedding parameters) per token plus attention (fwd + bwd, full
@@ -119,8 +118,12 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     opt = train.make_optimizer(cfg, model, fused=dev.type == 'cuda')
     train.set_lr(opt, train.lr_at(cfg, max(cfg['warmup'] - 1, 0), 0))   # the schedule's peak
     net = train.LossOf(model) if cfg['model'] == 'nmt' else model
-    if world > 1:
+    trunk_graphs = train.GraphedTrunk.wanted(cfg, dev, world)
+    hooks = world > 1 and not trunk_graphs and (cfg['ddp_hooks'] or cfg['model'] == 'nmt')
+    if hooks:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env['local_rank']])
+    elif world > 1:
+        train.broadcast_params(model)
     fwd = train.compiled(net) if cfg['compile'] else net
     g = torch.Generator().manual_seed(cfg['seed'] + env['rank'])
     if cfg['model'] == 'nmt':   # sentences of 20-30 tokens filling max_tokens per micro-batch
@@ -145,8 +148,8 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     graphed = None
     if train.GraphedLMStep.wanted(cfg, dev, world):   # as train.py does
         graphed = train.GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
-    if train.GraphedTrunk.wanted(cfg, dev, world):
-        fwd = graphed = train.GraphedTrunk(model, env['ctx'], cfg['compile'])
+    if trunk_graphs:
+        fwd = graphed = train.GraphedTrunk(model, env['ctx'], cfg['compile'], data[0][:-1])
 
     def step():
         if isinstance(graphed, train.GraphedLMStep):
@@ -163,6 +166,8 @@ def bench_model(cfg, env, steps, warmup, prof=False):
                 d = data[it[0] % len(data)]
                 loss, _, state[0] = train.lm_forward(fwd, d[:-1], d[1:], state[0])
         loss.backward()
+        if world > 1 and not hooks:
+            train.reduce_grads(model.parameters(), world)
         if cfg['grad_clip']:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
         opt.step()
@@ -234,12 +239,12 @@ def check_trunk_graphs(cfg, env):
     a = train.build_model(cfg, cfg['vocab_size']).to(env['device'])
     b = copy.deepcopy(a)
     oa, ob = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
-    graphed = train.GraphedTrunk(b, nullcontext(), compile_it=False)
-    a.io.dedup = False
     T, B = cfg['bptt'], cfg['batch_size']
-    fill = -(-cfg['mem_len'] // T)           # segments until the memory is full: then capture
+    fill = -(-cfg['mem_len'] // T)           # segments until the memory is full: then replays
     lengths = [T] * (fill + 2) + [T // 2, T, T]
     ids = zipf(cfg['vocab_size'], (sum(lengths) + 1, B), env['device'], torch.Generator().manual_seed(0))
+    graphed = train.GraphedTrunk(b, nullcontext(), False, ids[:T])
+    a.io.dedup = False
     mems, pos, worst = [None, None], 0, 0.0
     for t in lengths:
         x, y = ids[pos:pos + t], ids[pos + 1:pos + t + 1]
@@ -253,9 +258,26 @@ def check_trunk_graphs(cfg, env):
             losses.append(loss.item())
         worst = max(worst, abs(losses[0] - losses[1]))
     diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
-    ok = diff < 1e-4 and worst < 1e-4 and graphed.graphed is not None
+    ok = diff < 1e-4 and worst < 1e-4
     env['log'](f"graphs | Transformer-XL trunk, {len(lengths)} segments (one short): max |loss difference| "
                f"{worst:.3e}, max |weight difference| {diff:.3e} ({'PASS' if ok else 'FAIL'})")
+    # dropout on (and compiled with --compile True): every replay must draw fresh masks
+    cfg = dict(cfg, dropout=0.1, dropatt=0.1)
+    torch.manual_seed(cfg['seed'])
+    c = train.build_model(cfg, cfg['vocab_size']).to(env['device'])
+    g = train.GraphedTrunk(c, env['ctx'], cfg['compile'], ids[:T])
+    mems = None
+    with torch.no_grad(), env['ctx']:
+        while mems is None or mems[0].size(0) < c.mem_len:
+            mems = c(ids[:T], ids[1:T + 1], mems)[1]
+    losses = []
+    for _ in range(2):
+        loss, _ = g(ids[:T], ids[1:T + 1], mems)
+        loss.backward()
+        losses.append(loss.item())
+    env['log'](f"graphs | dropout 0.1{' compiled' if cfg['compile'] else ''}: two replays of one "
+               f"segment: losses {losses[0]:.6f} {losses[1]:.6f} "
+               f"({'PASS: fresh masks' if losses[0] != losses[1] else 'FAIL: the same masks'})")
 
 
 def bench_io(env, steps, warmup):

@@ -45,7 +45,9 @@ DEFAULTS = dict(
     device='auto',            # auto | cpu | cuda
     dtype='bfloat16',         # GPU autocast dtype: bfloat16 | float32 (no autocast); CPU: float32
     compile=False,            # torch.compile the model
-    cuda_graphs=True,         # one GPU: AWD-LSTM's step as CUDA graphs (bench.py: also the TXL trunk)
+    cuda_graphs=True,         # AWD-LSTM's step (one GPU), Transformer-XL's trunk as CUDA graphs
+    ddp_hooks=True,           # LMs on several GPUs: reduce gradients during backward (DDP), or
+                              # once after it (False; always so with the Transformer-XL graphs)
     seed=1111,
     # --- token representation (define.TokenIO)
     d_model=410,              # model width (LSTM: embedding width m; None = n)
@@ -324,6 +326,25 @@ def mean_over_ranks(x, world):
     return x
 
 
+def reduce_grads(params, world):
+    """Data parallelism without DDP's hooks, which cannot fire inside a CUDA-graph replay:
+    every rank's gradients, averaged in one all-reduce after the backward (a parameter that
+    got no gradient on some rank counts as zeros there). The start must be equal on every
+    rank (broadcast_params)."""
+    params = list(params)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def broadcast_params(model):
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, 0)
+
+
 def rank0_first(fn, env):
     """Rank 0 downloads and tokenizes while the others wait, then they read its cache."""
     if env['world'] > 1 and not env['master']:
@@ -482,10 +503,10 @@ class _Flat(nn.Module):   # a trunk for make_graphed_callables: tensors in, tens
 
 class GraphedTrunk:
     """Transformer-XL's forward with the trunk (model.hidden) replayed as CUDA graphs: one
-    for its forward, one for its backward (torch.cuda.make_graphed_callables), captured on
-    the first call with a full memory (mem_len positions). The adaptive softmax stays
-    outside, since its tail clusters change size every step. Same call and result as the
-    model: (ids, targets, mems) -> (loss, new_mems).
+    for its forward, one for its backward (torch.cuda.make_graphed_callables), captured when
+    constructed, for segments shaped like `ids` (T, B) with a full memory (mem_len positions).
+    The adaptive softmax stays outside, since its tail clusters change size every step. Same
+    call and result as the model: (ids, targets, mems) -> (loss, new_mems).
 
     Compiled, the published base step has 36 ms of kernels in 40-54 ms of wall time: the
     host cannot launch the trunk's ~1,000 kernels per step as fast as the GPU runs them,
@@ -493,34 +514,42 @@ class GraphedTrunk:
     yet; a short last segment) and evaluation run the plain model. new_mems are the
     graph's output buffers, detached: the next call copies them into its inputs before
     the replay overwrites them. Dropout masks come from the CUDA generator, which every
-    replay advances. DeFINE runs on every token (torch.unique would need a host sync)."""
+    replay advances; the capture draws nothing (the generator is restored after it). DeFINE
+    runs on every token (torch.unique would need a host sync).
 
-    def __init__(self, model, ctx, compile_it):
-        self.model, self.ctx, self.graphed, self.shapes = model, ctx, None, None
-        self.trunk = compiled(model.hidden) if compile_it else model.hidden
+    Capture before the first training step: while an earlier step's autograd graph is alive
+    (its loss still referenced), the parameters' gradient accumulators belong to the default
+    stream, and capturing the backward fails (cudaErrorStreamCaptureImplicit)."""
+
+    def __init__(self, model, ctx, compile_it, ids):
+        self.model, self.ctx = model, ctx
         self.loss_fn = torch.compile(model.io.loss, dynamic=True) if compile_it else model.io.loss
         model.io.dedup = False
+        rng, was = torch.cuda.get_rng_state(), model.training
+        model.eval()                                # a full memory to capture with
+        mems = None
+        with torch.no_grad(), ctx:
+            while mems is None or mems[0].size(0) < model.mem_len:
+                mems = model.hidden(ids, mems)[1]
+        model.train(was)
+        trunk = compiled(model.hidden) if compile_it else model.hidden
+        with capture_ctx(ctx):
+            self.graphed = torch.cuda.make_graphed_callables(
+                _Flat(model, trunk), (ids.clone(), *mems), allow_unused_input=True)
+        self.shapes = (ids.shape, *(m.shape for m in mems))
+        torch.cuda.set_rng_state(rng)
 
     @staticmethod
     def wanted(cfg, device, world, accum=1):
-        """bench.py only, for now: the compiled Transformer-XL on one GPU, one micro-batch per
-        step. Inside train.py's loop the capture fails ('operation would make the legacy
-        stream depend on a capturing blocking stream', eager and compiled; PERF.md), so
-        train.py does not use it yet."""
-        return (cfg['cuda_graphs'] and cfg['compile'] and cfg['model'] == 'txl'
-                and device.type == 'cuda' and world == 1 and accum == 1)
+        """The Transformer-XL with a memory on GPUs, one micro-batch per step (under DDP the
+        gradients are averaged after the backward: reduce_grads)."""
+        return (cfg['cuda_graphs'] and cfg['model'] == 'txl' and cfg['mem_len'] > 0
+                and device.type == 'cuda' and accum == 1)
 
     def __call__(self, ids, targets, mems=None):
         shapes = (ids.shape, *(m.shape for m in mems or []))
-        full = mems is not None and mems[0].size(0) == self.model.mem_len
-        if not (self.model.training and full and shapes == (self.shapes or shapes)):
+        if not (self.model.training and shapes == self.shapes):
             return self.model(ids, targets, mems)      # eager: rare, not worth a compile
-        if self.graphed is None:
-            with capture_ctx(self.ctx):
-                self.graphed = torch.cuda.make_graphed_callables(
-                    _Flat(self.model, self.trunk), (ids.clone(), *(m.clone() for m in mems)),
-                    allow_unused_input=True)
-            self.shapes = shapes
         out = self.graphed(ids, *mems)
         with self.ctx:
             return self.loss_fn(out[0], targets.t()), [m.detach() for m in out[1:]]
@@ -639,12 +668,21 @@ def train_lm(cfg, env):
         rng.bit_generator.state = st.pop('rng_bptt')
         if mine is not None and len(mine['states']) == accum:
             states = to_device(mine['states'], device)
-    ddp = DDP(model, device_ids=[env['local_rank']] if device.type == 'cuda' else None) if world > 1 else model
-    fwd = compiled(ddp) if cfg['compile'] else ddp
+    trunk_graphs = GraphedTrunk.wanted(cfg, device, world, accum)
+    hooks = world > 1 and cfg['ddp_hooks'] and not trunk_graphs     # else reduce_grads
+    ddp = model if not hooks else DDP(
+        model, device_ids=[env['local_rank']] if device.type == 'cuda' else None)
+    if world > 1 and not hooks:
+        broadcast_params(model)
     graphed = None
     if GraphedLMStep.wanted(cfg, device, world, accum):
         graphed = GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
         log("CUDA graphs: each training step replays a graph captured per sequence length")
+    if trunk_graphs:                            # compiles the trunk itself
+        fwd = GraphedTrunk(model, env['ctx'], cfg['compile'], train[:cfg['bptt']])
+        log("CUDA graphs: each full-memory segment replays the trunk's forward and backward")
+    else:
+        fwd = compiled(ddp) if cfg['compile'] else ddp
     eval_len = cfg['eval_tgt_len'] or cfg['bptt']
 
     def save(name='ckpt.pt'):
@@ -701,11 +739,13 @@ def train_lm(cfg, env):
         else:
             for j in range(accum):
                 cols = slice(j * micro, (j + 1) * micro)
-                sync = world == 1 or j == accum - 1     # decided before the forward (DDP)
+                sync = not hooks or j == accum - 1      # decided before the forward (DDP)
                 with (nullcontext() if sync else ddp.no_sync()), env['ctx']:
                     loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j])
                 (loss / accum).backward()
                 loss_acc += nll.detach().float() / accum
+            if world > 1 and not hooks:
+                reduce_grads(model.parameters(), world)
             if cfg['grad_clip']:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
             opt.step()

@@ -195,14 +195,23 @@ def test_averager_is_the_mean_of_the_iterates():
     assert torch.equal(p.detach(), before)
 
 
-def test_ddp_two_processes_equal_one(data_root, cache, tmp_path):
-    # dropouts off: two gloo ranks with half the streams each = one process with all of them
-    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--max-iters', '6',
-                        '--dropout', '0', '--dropouth', '0', '--dropouti', '0', '--dropoute', '0',
-                        '--wdrop', '0', '--eval-interval', '0', '--eval-max-tokens', '200']
-    # torchrun's own parser would take --n for an abbreviation of its options: write n=8
-    args = [f'n={args[i + 1]}' if a == '--n' else str(a) for i, a in enumerate(args)
-            if i == 0 or args[i - 1] != '--n']
+NO_DROPOUT = dict(lstm=TINY_LSTM + ['--dropout', '0', '--dropouth', '0', '--dropouti', '0',
+                                    '--dropoute', '0', '--wdrop', '0', '--eval-interval', '0'],
+                  txl=TINY_TXL + ['--embed', 'define', '--dropout', '0', '--dropatt', '0',
+                                  # SGD, unclipped: a wrong gradient scale shows
+                                  '--optimizer', 'sgd', '--lr', '0.5', '--grad-clip', '0'])
+
+
+@pytest.mark.parametrize("model,hooks", [('lstm', True), ('txl', False)])
+def test_ddp_two_processes_equal_one(model, hooks, data_root, cache, tmp_path):
+    # dropouts off: two gloo ranks with half the streams each = one process with all of them,
+    # with DDP's hooks and with one all-reduce after the backward (train.reduce_grads)
+    args = NO_DROPOUT[model] + ['--data-dir', data_root, '--cache-dir', cache, '--max-iters', '6',
+                                '--eval-max-tokens', '200', '--ddp-hooks', str(hooks)]
+    # torchrun's own parser would take --n or --m for abbreviations of its options: n=8
+    short = {'--n', '--m', '--k'}
+    args = [f'{a[2:]}={args[i + 1]}' if a in short else str(a) for i, a in enumerate(args)
+            if i == 0 or args[i - 1] not in short]
     run(args + ['--out-dir', tmp_path / 'one'])
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
