@@ -244,7 +244,6 @@ def check_trunk_graphs(cfg, env):
     lengths = [T] * (fill + 2) + [T // 2, T, T]
     ids = zipf(cfg['vocab_size'], (sum(lengths) + 1, B), env['device'], torch.Generator().manual_seed(0))
     graphed = train.GraphedTrunk(b, nullcontext(), False, ids[:T])
-    a.io.dedup = False
     mems, pos, worst = [None, None], 0, 0.0
     for t in lengths:
         x, y = ids[pos:pos + t], ids[pos + 1:pos + t + 1]

@@ -314,8 +314,19 @@ class AdaptiveSoftmax(nn.Module):
             parts.append(tail + head[:, c0 + i - 1:c0 + i])
         return torch.cat(parts, -1).view(*lead, self.vocab_size)
 
-    def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0):
-        """Negative log-likelihood of `target` (...,) given h (..., d_hidden)."""
+    def _band(self, target):                # (N,) ids -> (N,) cluster, 0 = head
+        return torch.bucketize(target, torch.tensor(self.bounds[1:-1], device=target.device),
+                               right=True)
+
+    def counts(self, target):
+        """Targets per cluster (head first) as Python ints: the loss's one host sync, which a
+        caller may take early (before a long forward is queued) and pass to loss()."""
+        return torch.bincount(self._band(target.reshape(-1)), minlength=self.n_tail + 1).tolist()
+
+    def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0,
+             counts=None):
+        """Negative log-likelihood of `target` (...,) given h (..., d_hidden); counts: see
+        counts() (ignored targets are counted in the head, as index 0)."""
         h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
         if self.n_tail == 0:
             return F.cross_entropy(_upcast(self._logits(h, 0, inp)), target, reduction=reduction,
@@ -324,15 +335,15 @@ class AdaptiveSoftmax(nn.Module):
             raise ValueError("label smoothing needs a full softmax; pass no cutoffs")
         valid = target != ignore_index
         target = torch.where(valid, target, 0)
-        band = torch.bucketize(target, torch.tensor(self.bounds[1:-1], device=target.device),
-                               right=True)                     # (N,) 0 = head
+        band = self._band(target)                               # (N,) 0 = head
         c0 = self.bounds[1]
         head = F.log_softmax(_upcast(self._logits(h, 0, inp)), -1)
         head_idx = torch.where(band == 0, target, c0 + band - 1)
         nll = -head.gather(1, head_idx[:, None]).squeeze(1)     # (N,)
         # one host sync for all clusters: sort tokens by cluster, split by the counts
         order = torch.argsort(band, stable=True)
-        counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
+        if counts is None:
+            counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
         for i, idx in enumerate(order.split(counts)[1:], 1):    # empty clusters still run, so
             lo = self.bounds[i]                                  # DDP sees every parameter used
             tail = F.log_softmax(_upcast(self._logits(h[idx], i, inp)), -1)
@@ -422,9 +433,20 @@ class TokenIO(nn.Module):
             x = self.in_proj(x)                     # (..., d_model)
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
-    def loss(self, hidden, targets, reduction='mean', ignore_index=-100, label_smoothing=0.0):
-        """NLL of targets (...,) under hidden (..., d_hidden): a scalar, or (N,) for 'none'."""
-        return self.out.loss(hidden, targets, self.map, reduction, ignore_index, label_smoothing)
+    def loss(self, hidden, targets, reduction='mean', ignore_index=-100, label_smoothing=0.0,
+             counts=None):
+        """NLL of targets (...,) under hidden (..., d_hidden): a scalar, or (N,) for 'none'.
+        counts: what loss_counts(targets) returned, or None (then the loss syncs itself)."""
+        return self.out.loss(hidden, targets, self.map, reduction, ignore_index, label_smoothing,
+                             counts)
+
+    def loss_counts(self, targets, ignore_index=-100):
+        """The adaptive softmax's targets per cluster (one host sync; None for a full
+        softmax), to pass to loss(): a training loop that replays its forward as a CUDA graph
+        takes the sync before the replay, when the GPU has little queued, not after it."""
+        if self.out.n_tail == 0:
+            return None
+        return self.out.counts(torch.where(targets != ignore_index, targets, 0))
 
     def log_probs(self, hidden):                    # (..., d_hidden) -> (..., V) float32
         return self.out.log_probs(hidden, self.map)

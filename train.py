@@ -496,26 +496,29 @@ class _Flat(nn.Module):   # a trunk for make_graphed_callables: tensors in, tens
         super().__init__()
         self.model, self.trunk = model, trunk   # model: its parameters are the graph's inputs
 
-    def forward(self, ids, *mems):
-        x, new = self.trunk(ids, list(mems))
+    def forward(self, x, *mems):
+        x, new = self.trunk(x, list(mems))
         return (x, *new)
 
 
 class GraphedTrunk:
-    """Transformer-XL's forward with the trunk (model.hidden) replayed as CUDA graphs: one
-    for its forward, one for its backward (torch.cuda.make_graphed_callables), captured when
-    constructed, for segments shaped like `ids` (T, B) with a full memory (mem_len positions).
-    The adaptive softmax stays outside, since its tail clusters change size every step. Same
-    call and result as the model: (ids, targets, mems) -> (loss, new_mems).
+    """Transformer-XL's forward with its layers (model.trunk) replayed as CUDA graphs: one
+    for their forward, one for their backward (torch.cuda.make_graphed_callables), captured
+    when constructed, for segments shaped like `ids` (T, B) with a full memory (mem_len
+    positions). The embedding and the adaptive softmax run outside the graphs: DeFINE once
+    per distinct token (torch.unique) and the softmax's tail clusters both have shapes that
+    change every step. Same call and result as the model: (ids, targets, mems) -> (loss,
+    new_mems).
 
     Compiled, the published base step has 36 ms of kernels in 40-54 ms of wall time: the
     host cannot launch the trunk's ~1,000 kernels per step as fast as the GPU runs them,
-    and a replay launches them at once. Other shapes (the first segment, with no memory
-    yet; a short last segment) and evaluation run the plain model. new_mems are the
-    graph's output buffers, detached: the next call copies them into its inputs before
-    the replay overwrites them. Dropout masks come from the CUDA generator, which every
-    replay advances; the capture draws nothing (the generator is restored after it). DeFINE
-    runs on every token (torch.unique would need a host sync).
+    and a replay launches them at once. The step's host syncs (the softmax's cluster sizes,
+    DeFINE's distinct tokens) are taken before the replay is queued, while the GPU has
+    little left to do, not after it. Other shapes (the first segment, with no memory yet; a
+    short last segment) and evaluation run the plain model. new_mems are the graph's output
+    buffers, detached: the next call copies them into its inputs before the replay
+    overwrites them. Dropout masks come from the CUDA generator, which every replay
+    advances; the capture draws nothing (the generator is restored after it).
 
     Capture before the first training step: while an earlier step's autograd graph is alive
     (its loss still referenced), the parameters' gradient accumulators belong to the default
@@ -523,19 +526,22 @@ class GraphedTrunk:
 
     def __init__(self, model, ctx, compile_it, ids):
         self.model, self.ctx = model, ctx
-        self.loss_fn = torch.compile(model.io.loss, dynamic=True) if compile_it else model.io.loss
-        model.io.dedup = False
+        # compiled, the shapes that change (tail clusters, distinct tokens) turn dynamic after
+        # one recompile; the rest stay static, so that unaligned matmuls get padded (compiled)
+        self.embed = compiled(model.embed) if compile_it else model.embed
+        self.loss_fn = compiled(model.io.loss) if compile_it else model.io.loss
         rng, was = torch.cuda.get_rng_state(), model.training
         model.eval()                                # a full memory to capture with
         mems = None
         with torch.no_grad(), ctx:
+            x = model.embed(ids)
             while mems is None or mems[0].size(0) < model.mem_len:
-                mems = model.hidden(ids, mems)[1]
+                mems = model.trunk(x, mems)[1]
         model.train(was)
-        trunk = compiled(model.hidden) if compile_it else model.hidden
+        trunk = compiled(model.trunk) if compile_it else model.trunk
         with capture_ctx(ctx):
             self.graphed = torch.cuda.make_graphed_callables(
-                _Flat(model, trunk), (ids.clone(), *mems), allow_unused_input=True)
+                _Flat(model, trunk), (x.clone().requires_grad_(), *mems), allow_unused_input=True)
         self.shapes = (ids.shape, *(m.shape for m in mems))
         torch.cuda.set_rng_state(rng)
 
@@ -550,9 +556,13 @@ class GraphedTrunk:
         shapes = (ids.shape, *(m.shape for m in mems or []))
         if not (self.model.training and shapes == self.shapes):
             return self.model(ids, targets, mems)      # eager: rare, not worth a compile
-        out = self.graphed(ids, *mems)
+        counts = self.model.io.loss_counts(targets)    # host syncs first (see above)
         with self.ctx:
-            return self.loss_fn(out[0], targets.t()), [m.detach() for m in out[1:]]
+            x = self.embed(ids)                        # (B, T, d)
+        out = self.graphed(x, *mems)
+        with self.ctx:
+            loss = self.loss_fn(out[0], targets.t(), counts=counts)
+        return loss, [m.detach() for m in out[1:]]
 
 
 # ------------------------------------------------------------------------------ LM loops

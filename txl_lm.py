@@ -197,18 +197,25 @@ class TransformerXL(nn.Module):
         return self.io.loss(x, targets.t()), new_mems   # mean over tokens: order is irrelevant
 
     def hidden(self, ids, mems=None):
-        """The trunk alone, shapes fixed by (ids, mems): (ids (T, B), mems) -> the dropped-out
-        last hidden states (B, T, d_model), new_mems (see forward)."""
-        T, B = ids.shape
+        """(ids (T, B), mems) -> the dropped-out last hidden states (B, T, d_model), new_mems
+        (see forward)."""
+        return self.trunk(self.embed(ids), mems)
+
+    def embed(self, ids):                 # (T, B) ids -> (B, T, d_model), dropped out
+        # io.embed is already scaled: TokenIO's embed_scale is sqrt(d_model) for a table, as
+        # published, and 1 for DeFINE, whose output is O(1) by construction
+        return self.drop(self.io.embed(ids.t()))
+
+    def trunk(self, x, mems=None):
+        """The layers alone, shapes fixed by (x, mems): x (B, T, d_model) the embedded
+        segment -> (B, T, d_model), new_mems."""
+        B, T, _ = x.shape
         if mems is not None and len(mems) != self.n_layer + 1:
             raise ValueError(f"mems must hold n_layer + 1 = {self.n_layer + 1} tensors, "
                              f"got {len(mems)}; pass None or what the last forward returned")
         mems = mems or [None] * (self.n_layer + 1)
         mlen = 0 if mems[0] is None else mems[0].size(0)
         kpad = -(-(mlen + T) // 8) * 8      # keys padded to a multiple of 8 (masked)
-        # io.embed is already scaled: TokenIO's embed_scale is sqrt(d_model) for a table, as
-        # published, and 1 for DeFINE, whose output is O(1) by construction
-        x = self.drop(self.io.embed(ids.t()))                               # (B, T, d)
         pos, mask = self._positions(T, mlen, kpad, x.dtype, x.device)
         pos = self.drop(pos)              # one dropout of the position code, all layers
         cats = []                         # each layer's keys/values input: [memory, x]

@@ -211,6 +211,10 @@ def test_adaptive_softmax_matches_torch_adaptive_log_softmax():
     target[:3] = torch.tensor([5, 50, 250])       # every cluster present
     torch.testing.assert_close(ours.log_probs(h, inp), ref.log_prob(h))
     torch.testing.assert_close(ours.loss(h, target, inp), ref(h, target).loss)
+    counts = ours.counts(target)                  # the host sync, taken by the caller
+    assert counts == [(target < 20).sum().item(), ((target >= 20) & (target < 100)).sum().item(),
+                      (target >= 100).sum().item()]
+    torch.testing.assert_close(ours.loss(h, target, inp, counts=counts), ref(h, target).loss)
 
 
 def _io(kind, **kw):
@@ -360,3 +364,14 @@ def test_define_py_imports_torch_only():
     imports = {line.split()[1].split('.')[0] for line in src.splitlines()
                if line.startswith(('import ', 'from '))}
     assert imports <= {'math', 'torch'}, imports
+
+
+def test_loss_with_counts_taken_early_equals_loss():
+    io = _io('define')
+    h = torch.randn(40, io.d_hidden, dtype=torch.double)
+    y = torch.randint(0, 120, (40,))
+    y[:4] = torch.tensor([3, 20, 100, -100])      # every cluster, and one ignored target
+    counts = io.loss_counts(y)
+    assert sum(counts) == 40 and min(counts) > 0
+    torch.testing.assert_close(io.loss(h, y, counts=counts), io.loss(h, y))
+    assert _io('define', cutoffs=[]).loss_counts(y) is None      # a full softmax: no sync
