@@ -148,8 +148,10 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     graphed = None
     if train.GraphedLMStep.wanted(cfg, dev, world):   # as train.py does
         graphed = train.GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
-    if trunk_graphs:
+    counts = [None] * 4
+    if trunk_graphs:   # as train.py: the clusters counted on the host, no sync in the step
         fwd = graphed = train.GraphedTrunk(model, env['ctx'], cfg['compile'], data[0][:-1])
+        counts = [model.io.loss_counts(d[1:].cpu()) for d in data]
 
     def step():
         if isinstance(graphed, train.GraphedLMStep):
@@ -164,7 +166,8 @@ def bench_model(cfg, env, steps, warmup, prof=False):
                 loss = loss_sum / n
             else:
                 d = data[it[0] % len(data)]
-                loss, _, state[0] = train.lm_forward(fwd, d[:-1], d[1:], state[0])
+                loss, _, state[0] = train.lm_forward(fwd, d[:-1], d[1:], state[0],
+                                                     counts[it[0] % len(data)])
         loss.backward()
         if world > 1 and not hooks:
             train.reduce_grads(model.parameters(), world)

@@ -361,12 +361,37 @@ def compiled(module):
     matmul runs at a third of the aligned rate. The pad is a cheap copy inside the graph."""
     import torch._inductor.config
     torch._inductor.config.force_shape_pad = True
+    _one_pass_rows()
     return torch.compile(module)
 
 
-def lm_forward(model, x, y, state):
-    """(loss to minimise, mean NLL, new state) for the LSTM (3 outputs) and TXL (2)."""
-    out = model(x, y, state)
+def _one_pass_rows():
+    """Inductor keeps a reduction's row in registers (one pass over memory) up to 1024
+    elements only where it sees the row contiguous, else up to 64. The relative attention
+    reads its position term through the shift (pad + reshape), so its softmax over 300 keys
+    read the scores in three passes: 2.8 ms per step of the base model, 1.5 ms in one pass.
+    Set on the class, so that it holds in autograd's thread too (which compiles backwards)."""
+    try:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.virtualized import V
+    except ImportError:         # another inductor: its own heuristic, a little slower
+        return
+    base = InductorChoices.should_use_persistent_reduction
+    if getattr(base, 'one_pass_rows', False):
+        return
+
+    def rule(features, cooperative_reduction):
+        return base(features, cooperative_reduction) or (
+            torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
+            and V.graph.sizevars.statically_known_leq(features.reduction_numel, 1024))
+    rule.one_pass_rows = True
+    InductorChoices.should_use_persistent_reduction = staticmethod(rule)
+
+
+def lm_forward(model, x, y, state, counts=None):
+    """(loss to minimise, mean NLL, new state) for the LSTM (3 outputs) and TXL (2); counts:
+    see GraphedTrunk."""
+    out = model(x, y, state) if counts is None else model(x, y, state, counts=counts)
     return out if len(out) == 3 else (out[0], out[0], out[1])
 
 
@@ -514,7 +539,8 @@ class GraphedTrunk:
     host cannot launch the trunk's ~1,000 kernels per step as fast as the GPU runs them,
     and a replay launches them at once. The step's host syncs (the softmax's cluster sizes,
     DeFINE's distinct tokens) are taken before the replay is queued, while the GPU has
-    little left to do, not after it. Other shapes (the first segment, with no memory yet; a
+    little left to do, not after it; train.py counts the clusters on its host copy of the
+    tokens and passes them in, which needs no sync at all. Other shapes (the first segment, with no memory yet; a
     short last segment) and evaluation run the plain model. new_mems are the graph's output
     buffers, detached: the next call copies them into its inputs before the replay
     overwrites them. Dropout masks come from the CUDA generator, which every replay
@@ -552,11 +578,14 @@ class GraphedTrunk:
         return (cfg['cuda_graphs'] and cfg['model'] == 'txl' and cfg['mem_len'] > 0
                 and device.type == 'cuda' and accum == 1)
 
-    def __call__(self, ids, targets, mems=None):
+    def __call__(self, ids, targets, mems=None, counts=None):
+        """counts: model.io.loss_counts(targets) computed from a host copy of the targets, so
+        that the GPU never waits for the host (else taken here, with a sync)."""
         shapes = (ids.shape, *(m.shape for m in mems or []))
         if not (self.model.training and shapes == self.shapes):
-            return self.model(ids, targets, mems)      # eager: rare, not worth a compile
-        counts = self.model.io.loss_counts(targets)    # host syncs first (see above)
+            return self.model(ids, targets, mems, counts)   # eager: rare, not worth a compile
+        if counts is None:
+            counts = self.model.io.loss_counts(targets)  # host sync first (see above)
         with self.ctx:
             x = self.embed(ids)                        # (B, T, d)
         out = self.graphed(x, *mems)
@@ -664,7 +693,9 @@ def train_lm(cfg, env):
     log(f"batch: {cfg['batch_size']} streams x {cfg['bptt']} tokens = "
         f"{cfg['batch_size'] * cfg['bptt']} tokens/step = {world} ranks x {accum} "
         f"accumulation steps x {micro} streams")
-    train = D.batchify(corpus.train, cfg['batch_size'], rank, world).to(device)  # (T, B/ranks)
+    train = D.batchify(corpus.train, cfg['batch_size'], rank, world)   # (T, B/ranks)
+    trunk_graphs = GraphedTrunk.wanted(cfg, device, world, accum)
+    train_host, train = (train if trunk_graphs else None), train.to(device)
     val = D.batchify(corpus.valid, cfg['eval_batch_size']).to(device)
     opt = make_optimizer(cfg, model, fused=device.type == 'cuda')
     avg = Averager(model.parameters())
@@ -678,7 +709,6 @@ def train_lm(cfg, env):
         rng.bit_generator.state = st.pop('rng_bptt')
         if mine is not None and len(mine['states']) == accum:
             states = to_device(mine['states'], device)
-    trunk_graphs = GraphedTrunk.wanted(cfg, device, world, accum)
     hooks = world > 1 and cfg['ddp_hooks'] and not trunk_graphs     # else reduce_grads
     ddp = model if not hooks else DDP(
         model, device_ids=[env['local_rank']] if device.type == 'cuda' else None)
@@ -742,6 +772,9 @@ def train_lm(cfg, env):
             lr *= seq_len / cfg['bptt']
         set_lr(opt, lr)
         x, y = D.lm_batch(train, st['pos'], seq_len)                       # (T, B/ranks)
+        counts = None                           # adaptive softmax clusters, counted on the host
+        if trunk_graphs:
+            counts = model.io.loss_counts(D.lm_batch(train_host, st['pos'], seq_len)[1])
         if graphed is not None:                 # the same step, replayed (clipping included)
             nll, states[0] = graphed(x, y, states[0])
             loss_acc += nll.float()
@@ -751,7 +784,7 @@ def train_lm(cfg, env):
                 cols = slice(j * micro, (j + 1) * micro)
                 sync = not hooks or j == accum - 1      # decided before the forward (DDP)
                 with (nullcontext() if sync else ddp.no_sync()), env['ctx']:
-                    loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j])
+                    loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j], counts)
                 (loss / accum).backward()
                 loss_acc += nll.detach().float() / accum
             if world > 1 and not hooks:

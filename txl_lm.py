@@ -183,7 +183,7 @@ class TransformerXL(nn.Module):
             mask = mask | (d_ij >= max(min(self.mem_len, klen), 1))
         return pos, mask
 
-    def forward(self, ids, targets=None, mems=None):
+    def forward(self, ids, targets=None, mems=None, counts=None):
         """ids, targets: (T, B) token ids, time-major. mems: None or a list of n_layer + 1
         tensors (M, B, d_model): the input of every layer (the embedding output first, the
         last layer's output last) at the M previous positions; M may be 0.
@@ -194,7 +194,8 @@ class TransformerXL(nn.Module):
         x, new_mems = self.hidden(ids, mems)
         if targets is None:
             return x.transpose(0, 1), new_mems
-        return self.io.loss(x, targets.t()), new_mems   # mean over tokens: order is irrelevant
+        # mean over tokens: order is irrelevant; counts: io.loss_counts(targets), or None
+        return self.io.loss(x, targets.t(), counts=counts), new_mems
 
     def hidden(self, ids, mems=None):
         """(ids (T, B), mems) -> the dropped-out last hidden states (B, T, d_model), new_mems

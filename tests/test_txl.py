@@ -166,6 +166,22 @@ def test_memory_shapes_content_and_mem_len_attribute():
     assert all(a.shape == (3, B, d) for a in new0 + new1)
 
 
+def test_embed_then_trunk_is_hidden_and_counts_change_nothing():
+    # the seams GraphedTrunk cuts at: hidden = trunk(embed(ids)); the cluster counts taken
+    # ahead (train.py counts them on its host copy) give the same loss
+    model = tiny('define', V=60, n=8, k=16, depth=2, cutoffs=[10, 30]).eval()
+    ids, y = torch.randint(0, 60, (2, 5, 3))
+    _, mems = model(ids)
+    h, new = model.hidden(ids, mems)
+    h2, new2 = model.trunk(model.embed(ids), mems)
+    torch.testing.assert_close(h2, h, rtol=0, atol=0)
+    counts = model.io.loss_counts(y)
+    assert len(counts) == 3 and sum(counts) == y.numel()
+    torch.testing.assert_close(model(ids, y, mems, counts=counts)[0], model(ids, y, mems)[0])
+    with pytest.raises(RuntimeError):      # counts of other targets do not fit
+        model(ids, y, mems, counts=[y.numel() + 1, 0, 0])
+
+
 def test_memory_is_detached():
     model = tiny(dropout=0.1).train()
     ids = torch.randint(0, 50, (10, 2))
