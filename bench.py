@@ -9,8 +9,9 @@
 
 Settings are train.py's (presets and --key value), plus --steps, --warmup-steps, --what and
 --profile (after the timing, three steps under torch.profiler: GPU time per step by kernel
-class and the top kernels). On one GPU the Transformer-XL's trunk
-replays as CUDA graphs, as in train.py (train.GraphedTrunk; `--cuda-graphs False` without).
+class and the top kernels). The Transformer-XL's layers replay as CUDA graphs, as in train.py
+(train.GraphedTrunk; `--cuda-graphs False` without); under torchrun each GPU replays its own
+and the gradients are averaged after the backward (train.reduce_grads).
 Tokens are drawn from a Zipf distribution over the vocabulary (rank r with probability
 ~ 1/r), so adaptive-softmax clusters and DeFINE's distinct-token count look like real text.
 MFU counts 6 x (non-embedding parameters) per token plus attention (fwd + bwd, full
