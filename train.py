@@ -540,11 +540,11 @@ class GraphedTrunk:
     and a replay launches them at once. The step's host syncs (the softmax's cluster sizes,
     DeFINE's distinct tokens) are taken before the replay is queued, while the GPU has
     little left to do, not after it; train.py counts the clusters on its host copy of the
-    tokens and passes them in, which needs no sync at all. Other shapes (the first segment, with no memory yet; a
-    short last segment) and evaluation run the plain model. new_mems are the graph's output
-    buffers, detached: the next call copies them into its inputs before the replay
-    overwrites them. Dropout masks come from the CUDA generator, which every replay
-    advances; the capture draws nothing (the generator is restored after it).
+    tokens and passes them in, which needs no sync at all. Other shapes (the first segment,
+    with no memory yet; a short last segment) and evaluation run the plain model. new_mems
+    are the graph's output buffers, detached: the next call copies them into its inputs
+    before the replay overwrites them. Dropout masks come from the CUDA generator, which
+    every replay advances; the capture draws nothing (the generator is restored after it).
 
     Capture before the first training step: while an earlier step's autograd graph is alive
     (its loss still referenced), the parameters' gradient accumulators belong to the default
@@ -784,7 +784,8 @@ def train_lm(cfg, env):
                 cols = slice(j * micro, (j + 1) * micro)
                 sync = not hooks or j == accum - 1      # decided before the forward (DDP)
                 with (nullcontext() if sync else ddp.no_sync()), env['ctx']:
-                    loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j], counts)
+                    loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j],
+                                                      counts)
                 (loss / accum).backward()
                 loss_acc += nll.detach().float() / accum
             if world > 1 and not hooks:
