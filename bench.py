@@ -120,7 +120,7 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     train.set_lr(opt, train.lr_at(cfg, max(cfg['warmup'] - 1, 0), 0))   # the schedule's peak
     net = train.LossOf(model) if cfg['model'] == 'nmt' else model
     trunk_graphs = train.GraphedTrunk.wanted(cfg, dev, world)
-    hooks = world > 1 and not trunk_graphs and (cfg['ddp_hooks'] or cfg['model'] == 'nmt')
+    hooks = train.ddp_hooks(cfg, world, trunk_graphs)
     if hooks:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env['local_rank']])
     elif world > 1:

@@ -441,9 +441,9 @@ class TokenIO(nn.Module):
                              counts)
 
     def loss_counts(self, targets, ignore_index=-100):
-        """The adaptive softmax's targets per cluster (one host sync; None for a full
-        softmax), to pass to loss(): a training loop that replays its forward as a CUDA graph
-        takes the sync before the replay, when the GPU has little queued, not after it."""
+        """The adaptive softmax's targets per cluster (None for a full softmax), to pass to
+        loss(): from a host copy of the targets it needs no sync at all, and on the GPU a
+        loop may take its one sync before a long forward is queued instead of after it."""
         if self.out.n_tail == 0:
             return None
         return self.out.counts(torch.where(targets != ignore_index, targets, 0))

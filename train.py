@@ -340,6 +340,13 @@ def reduce_grads(params, world):
         p.grad = g.view_as(p)
 
 
+def ddp_hooks(cfg, world, trunk_graphs):
+    """Whether several ranks reduce gradients through DDP's hooks during the backward (else
+    reduce_grads after it): translation always; language models unless --ddp-hooks False or
+    the Transformer-XL trunk replays as CUDA graphs, where hooks cannot fire."""
+    return world > 1 and not trunk_graphs and (cfg['ddp_hooks'] or cfg['model'] == 'nmt')
+
+
 def broadcast_params(model):
     for t in list(model.parameters()) + list(model.buffers()):
         dist.broadcast(t.data, 0)
@@ -709,7 +716,7 @@ def train_lm(cfg, env):
         rng.bit_generator.state = st.pop('rng_bptt')
         if mine is not None and len(mine['states']) == accum:
             states = to_device(mine['states'], device)
-    hooks = world > 1 and cfg['ddp_hooks'] and not trunk_graphs     # else reduce_grads
+    hooks = ddp_hooks(cfg, world, trunk_graphs)  # else reduce_grads
     ddp = model if not hooks else DDP(
         model, device_ids=[env['local_rank']] if device.type == 'cuda' else None)
     if world > 1 and not hooks:
