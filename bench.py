@@ -149,10 +149,10 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     graphed = None
     if train.GraphedLMStep.wanted(cfg, dev, world):   # as train.py does
         graphed = train.GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
-    counts = [None] * 4
-    if trunk_graphs:   # as train.py: the clusters counted on the host, no sync in the step
+    host = None
+    if trunk_graphs:   # as train.py: the step's syncs taken on a host copy, every step
         fwd = graphed = train.GraphedTrunk(model, env['ctx'], cfg['compile'], data[0][:-1])
-        counts = [model.io.loss_counts(d[1:].cpu()) for d in data]
+        host = [d.cpu() for d in data]
 
     def step():
         if isinstance(graphed, train.GraphedLMStep):
@@ -166,9 +166,9 @@ def bench_model(cfg, env, steps, warmup, prof=False):
                 loss_sum, n = fwd(src, tgt, label_smoothing=cfg['label_smoothing'])
                 loss = loss_sum / n
             else:
-                d = data[it[0] % len(data)]
-                loss, _, state[0] = train.lm_forward(fwd, d[:-1], d[1:], state[0],
-                                                     counts[it[0] % len(data)])
+                d, h = data[it[0] % len(data)], host and host[it[0] % len(data)]
+                hints = train.lm_hints(model, h[:-1], h[1:], dev) if host else {}
+                loss, _, state[0] = train.lm_forward(fwd, d[:-1], d[1:], state[0], **hints)
         loss.backward()
         if world > 1 and not hooks:
             train.reduce_grads(model.parameters(), world)

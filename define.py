@@ -414,14 +414,23 @@ class TokenIO(nn.Module):
         self.out = AdaptiveSoftmax(self.map, self.d_hidden, bias=out_bias)
         self.cached = None                          # (V, d_embed) table once cache() ran
 
-    def embed(self, ids, drop=0.0):                 # (...) ids -> (..., d_embed)
-        """`drop`: embedding dropout on the rows of the map tables (AWD-LSTM's dropoute)."""
+    def embed(self, ids, drop=0.0, distinct=None):  # (...) ids -> (..., d_embed)
+        """`drop`: embedding dropout on the rows of the map tables (AWD-LSTM's dropoute).
+        `distinct`: what distinct(ids) returned, or None (then the dedup syncs itself)."""
         if self.cached is not None and not self.training:
             return F.embedding(ids, self.cached)
         if self.unit is not None and self.dedup:    # DeFINE once per distinct token
-            uniq, inv = torch.unique(ids, return_inverse=True)
+            uniq, inv = self.distinct(ids) if distinct is None else distinct
             return self._input_path(uniq, drop)[inv]
         return self._input_path(ids, drop)
+
+    def distinct(self, ids):
+        """(uniq (U,), inv (ids' shape)) for the dedup: uniq[inv] == ids, or None without it.
+        On the GPU torch.unique waits for the host (U is data-dependent); from a host copy of
+        the ids, moved over with the batch, the step needs no sync at all."""
+        if self.unit is None or not self.dedup:
+            return None
+        return torch.unique(ids, return_inverse=True)
 
     forward = embed
 

@@ -395,11 +395,23 @@ def _one_pass_rows():
     InductorChoices.should_use_persistent_reduction = staticmethod(rule)
 
 
-def lm_forward(model, x, y, state, counts=None):
-    """(loss to minimise, mean NLL, new state) for the LSTM (3 outputs) and TXL (2); counts:
-    see GraphedTrunk."""
-    out = model(x, y, state) if counts is None else model(x, y, state, counts=counts)
+def lm_forward(model, x, y, state, **hints):
+    """(loss to minimise, mean NLL, new state) for the LSTM (3 outputs) and TXL (2); hints:
+    what lm_hints returned (Transformer-XL only)."""
+    out = model(x, y, state, **hints)
     return out if len(out) == 3 else (out[0], out[0], out[1])
+
+
+def lm_hints(model, x_host, y_host, device):
+    """What a Transformer-XL step would otherwise sync the GPU for, taken from host copies of
+    its batch (T, B): the adaptive softmax's cluster sizes (io.loss_counts) and DeFINE's
+    distinct tokens (io.distinct, copied over without waiting). Keys with None are left out."""
+    io = model.io
+    hints = dict(counts=io.loss_counts(y_host), distinct=io.distinct(x_host))
+    if hints['distinct'] is not None:
+        hints['distinct'] = tuple(t.pin_memory().to(device, non_blocking=True)
+                                  if device.type == 'cuda' else t for t in hints['distinct'])
+    return {k: v for k, v in hints.items() if v is not None}
 
 
 class LossOf(nn.Module):
@@ -585,16 +597,18 @@ class GraphedTrunk:
         return (cfg['cuda_graphs'] and cfg['model'] == 'txl' and cfg['mem_len'] > 0
                 and device.type == 'cuda' and accum == 1)
 
-    def __call__(self, ids, targets, mems=None, counts=None):
-        """counts: model.io.loss_counts(targets) computed from a host copy of the targets, so
-        that the GPU never waits for the host (else taken here, with a sync)."""
+    def __call__(self, ids, targets, mems=None, counts=None, distinct=None):
+        """counts, distinct: lm_hints from a host copy of the batch, so that the GPU never
+        waits for the host (else taken here, with a sync)."""
         shapes = (ids.shape, *(m.shape for m in mems or []))
-        if not (self.model.training and shapes == self.shapes):
-            return self.model(ids, targets, mems, counts)   # eager: rare, not worth a compile
+        if not (self.model.training and shapes == self.shapes):   # eager: rare, not worth
+            return self.model(ids, targets, mems, counts, distinct)   # a compile
         if counts is None:
-            counts = self.model.io.loss_counts(targets)  # host sync first (see above)
+            counts = self.model.io.loss_counts(targets)  # host syncs first (see above)
+        if distinct is None:
+            distinct = self.model.io.distinct(ids)
         with self.ctx:
-            x = self.embed(ids)                        # (B, T, d)
+            x = self.embed(ids, distinct)              # (B, T, d)
         out = self.graphed(x, *mems)
         with self.ctx:
             loss = self.loss_fn(out[0], targets.t(), counts=counts)
@@ -779,9 +793,9 @@ def train_lm(cfg, env):
             lr *= seq_len / cfg['bptt']
         set_lr(opt, lr)
         x, y = D.lm_batch(train, st['pos'], seq_len)                       # (T, B/ranks)
-        counts = None                           # adaptive softmax clusters, counted on the host
+        hints = {}                              # the step's syncs, taken on the host copy
         if trunk_graphs:
-            counts = model.io.loss_counts(D.lm_batch(train_host, st['pos'], seq_len)[1])
+            hints = lm_hints(model, *D.lm_batch(train_host, st['pos'], seq_len), device)
         if graphed is not None:                 # the same step, replayed (clipping included)
             nll, states[0] = graphed(x, y, states[0])
             loss_acc += nll.float()
@@ -792,7 +806,7 @@ def train_lm(cfg, env):
                 sync = not hooks or j == accum - 1      # decided before the forward (DDP)
                 with (nullcontext() if sync else ddp.no_sync()), env['ctx']:
                     loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j],
-                                                      counts)
+                                                      **hints)
                 (loss / accum).backward()
                 loss_acc += nll.detach().float() / accum
             if world > 1 and not hooks:

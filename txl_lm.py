@@ -183,29 +183,32 @@ class TransformerXL(nn.Module):
             mask = mask | (d_ij >= max(min(self.mem_len, klen), 1))
         return pos, mask
 
-    def forward(self, ids, targets=None, mems=None, counts=None):
+    def forward(self, ids, targets=None, mems=None, counts=None, distinct=None):
         """ids, targets: (T, B) token ids, time-major. mems: None or a list of n_layer + 1
         tensors (M, B, d_model): the input of every layer (the embedding output first, the
         last layer's output last) at the M previous positions; M may be 0.
         Returns (loss, new_mems): loss = mean NLL of the T*B targets (io.loss), or the hidden
         states (T, B, d_model) when targets is None; new_mems: the last min(mem_len, M + T)
         positions of [mems, this segment] per layer, detached, contiguous (L, B, d_model), in
-        the compute dtype (the autocast dtype under autocast, else the hidden dtype)."""
-        x, new_mems = self.hidden(ids, mems)
+        the compute dtype (the autocast dtype under autocast, else the hidden dtype).
+        counts, distinct: io.loss_counts(targets) and io.distinct(ids), or None (see there)."""
+        x, new_mems = self.hidden(ids, mems, distinct)
         if targets is None:
             return x.transpose(0, 1), new_mems
-        # mean over tokens: order is irrelevant; counts: io.loss_counts(targets), or None
+        # mean over tokens: order is irrelevant
         return self.io.loss(x, targets.t(), counts=counts), new_mems
 
-    def hidden(self, ids, mems=None):
+    def hidden(self, ids, mems=None, distinct=None):
         """(ids (T, B), mems) -> the dropped-out last hidden states (B, T, d_model), new_mems
         (see forward)."""
-        return self.trunk(self.embed(ids), mems)
+        return self.trunk(self.embed(ids, distinct), mems)
 
-    def embed(self, ids):                 # (T, B) ids -> (B, T, d_model), dropped out
+    def embed(self, ids, distinct=None):  # (T, B) ids -> (B, T, d_model), dropped out
         # io.embed is already scaled: TokenIO's embed_scale is sqrt(d_model) for a table, as
         # published, and 1 for DeFINE, whose output is O(1) by construction
-        return self.drop(self.io.embed(ids.t()))
+        if distinct is not None:          # io.distinct(ids): its inverse is (T, B) too
+            distinct = (distinct[0], distinct[1].t())
+        return self.drop(self.io.embed(ids.t(), distinct=distinct))
 
     def trunk(self, x, mems=None):
         """The layers alone, shapes fixed by (x, mems): x (B, T, d_model) the embedded

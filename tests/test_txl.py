@@ -14,7 +14,7 @@ F64 = torch.float64
 
 def tiny(kind='standard', V=50, d=16, n_layer=2, n_head=2, d_head=5, dropout=0.0, **kw):
     """A tiny float64 model; d_head = 5 is odd on purpose (the sdpa path pads it to 8)."""
-    io_kw = {k: kw.pop(k) for k in ('n', 'cutoffs', 'k', 'depth', 'g_max') if k in kw}
+    io_kw = {k: kw.pop(k) for k in ('n', 'cutoffs', 'k', 'depth', 'g_max', 'dedup') if k in kw}
     io = TokenIO(kind, V, d, **io_kw)
     return TransformerXL(io, n_layer=n_layer, n_head=n_head, d_head=d_head, d_inner=24,
                          dropout=dropout, **kw).double()
@@ -180,6 +180,26 @@ def test_embed_then_trunk_is_hidden_and_counts_change_nothing():
     torch.testing.assert_close(model(ids, y, mems, counts=counts)[0], model(ids, y, mems)[0])
     with pytest.raises(RuntimeError):      # counts of other targets do not fit
         model(ids, y, mems, counts=[y.numel() + 1, 0, 0])
+
+
+def test_host_hints_change_nothing_and_are_used():
+    # train.lm_hints: cluster counts and DeFINE's distinct tokens from a host copy of a
+    # (T, B) batch with T != B, so that a forgotten transpose of the inverse shows
+    import train
+    model = tiny('define', V=60, n=8, k=16, depth=2, cutoffs=[10, 30], dedup=True).eval()
+    ids, y = torch.randint(0, 60, (2, 5, 3))
+    _, mems = model(ids)
+    hints = train.lm_hints(model, ids, y, torch.device('cpu'))
+    assert sorted(hints) == ['counts', 'distinct']
+    uniq, inv = hints['distinct']
+    assert torch.equal(uniq[inv], ids)
+    want = model(ids, y, mems)[0]
+    torch.testing.assert_close(train.lm_forward(model, ids, y, mems, **hints)[0], want,
+                               rtol=0, atol=0)
+    other = ((uniq + 1) % 60, inv)          # other tokens in the same places: used
+    assert not torch.allclose(model(ids, y, mems, distinct=other)[0], want)
+    model.io.dedup = False                  # nothing to take ahead without the dedup
+    assert sorted(train.lm_hints(model, ids, y, torch.device('cpu'))) == ['counts']
 
 
 def test_memory_is_detached():
