@@ -558,8 +558,8 @@ class GraphedTrunk:
     host cannot launch the trunk's ~1,000 kernels per step as fast as the GPU runs them,
     and a replay launches them at once. The step's host syncs (the softmax's cluster sizes,
     DeFINE's distinct tokens) are taken before the replay is queued, while the GPU has
-    little left to do, not after it; train.py counts the clusters on its host copy of the
-    tokens and passes them in, which needs no sync at all. Other shapes (the first segment,
+    little left to do, not after it; train.py takes both from its host copy of the tokens
+    (lm_hints) and passes them in, which needs no sync at all. Other shapes (the first segment,
     with no memory yet; a short last segment) and evaluation run the plain model. new_mems
     are the graph's output buffers, detached: the next call copies them into its inputs
     before the replay overwrites them. Dropout masks come from the CUDA generator, which
