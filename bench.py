@@ -166,8 +166,9 @@ def bench_model(cfg, env, steps, warmup, prof=False):
                 loss_sum, n = fwd(src, tgt, label_smoothing=cfg['label_smoothing'])
                 loss = loss_sum / n
             else:
-                d, h = data[it[0] % len(data)], host and host[it[0] % len(data)]
-                hints = train.lm_hints(model, h[:-1], h[1:], dev) if host else {}
+                i = it[0] % len(data)
+                d = data[i]
+                hints = train.lm_hints(model, host[i][:-1], host[i][1:], dev) if host else {}
                 loss, _, state[0] = train.lm_forward(fwd, d[:-1], d[1:], state[0], **hints)
         loss.backward()
         if world > 1 and not hooks:
