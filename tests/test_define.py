@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import ROOT
+import define
 from define import (KINDS, VARIANTS, AdaptiveInput, AdaptiveSoftmax, DeFINE, GroupLinear,
-                    TokenIO, count_params)
+                    TokenIO, count_params, smoothed_cross_entropy)
 
 WT103_V, WT103_CUTOFFS = 267_735, [20000, 40000, 200000]
 
@@ -249,6 +250,50 @@ def test_log_probs_normalised_and_loss_is_their_nll(kind, cfg):
     y[0, :2] = -100   # ignored positions count nowhere
     keep = y.flatten() != -100
     torch.testing.assert_close(io.loss(h, y, reduction='sum'), nll.flatten()[keep].sum())
+
+
+@pytest.mark.parametrize("reduction", ['sum', 'mean', 'none'])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_smoothed_cross_entropy_equals_torch(reduction, eps):
+    z = torch.randn(23, 37, dtype=torch.double, requires_grad=True)
+    t = torch.randint(0, 37, (23,))
+    t[::4] = 5                                # the ignored index, also a real class
+    got = smoothed_cross_entropy(z, t, reduction, ignore_index=5, label_smoothing=eps)
+    want = F.cross_entropy(z, t, reduction=reduction, ignore_index=5, label_smoothing=eps)
+    torch.testing.assert_close(got, want)
+    w = torch.randn_like(want)                # any upstream gradient, per row for 'none'
+    torch.testing.assert_close(torch.autograd.grad((got * w).sum(), z)[0],
+                               torch.autograd.grad((want * w).sum(), z)[0])
+
+
+def test_full_softmax_loss_takes_the_fusable_form_when_compiling(monkeypatch):
+    """Under torch.compile the full softmax's loss is smoothed_cross_entropy: forced on in
+    eager, the loss is still F.cross_entropy's, and compiled equals eager with gradients."""
+    torch.manual_seed(0)
+    io = TokenIO('standard', 50, 16)
+    with torch.no_grad():
+        io.out.bias.normal_()
+    h, y = torch.randn(4, 6, 16), torch.randint(0, 50, (4, 6))
+    y[0] = 0
+    args = dict(reduction='sum', ignore_index=0, label_smoothing=0.1)
+    want = io.loss(h, y, **args)
+    calls = []
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return smoothed_cross_entropy(*a, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, 'is_compiling', lambda: True)
+        m.setattr(define, 'smoothed_cross_entropy', spy)
+        torch.testing.assert_close(io.loss(h, y, **args), want)
+    assert calls
+    hc = h.clone().requires_grad_()
+    got = torch.compile(io.loss)(hc, y, **args)
+    torch.testing.assert_close(got, want)
+    he = h.clone().requires_grad_()
+    io.loss(he, y, **args).backward()
+    got.backward()
+    torch.testing.assert_close(hc.grad, he.grad)
 
 
 @pytest.mark.parametrize("kind", KINDS)
