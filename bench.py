@@ -125,7 +125,7 @@ def bench_model(cfg, env, steps, warmup, prof=False):
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env['local_rank']])
     elif world > 1:
         train.broadcast_params(model)
-    fwd = train.compiled(net) if cfg['compile'] else net
+    fwd = train.compiled(net, model) if cfg['compile'] else net
     g = torch.Generator().manual_seed(cfg['seed'] + env['rank'])
     if cfg['model'] == 'nmt':   # sentences of 20-30 tokens filling max_tokens per micro-batch
         L = 25

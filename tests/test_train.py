@@ -71,6 +71,17 @@ def test_count_params_for_translation(capsys):
     assert dfn['define'] > 0 and dfn['total'] < std['total']
 
 
+def test_compile_forces_matmul_padding_only_for_unaligned_weights():
+    """train.compiled forces inductor's shape padding where a weight side is not a multiple
+    of 8 (the published Transformer-XL's 410), else leaves it to inductor's timing."""
+    base = ['--config', 'wmt14_transformer_base', '--vocab-size', '[50000, 50000]']
+    cfg = train.get_config(base)
+    assert not train.unaligned(train.build_model(cfg, (50000, 50000)))
+    assert train.unaligned(train.build_model(cfg, (50000, 50001)))
+    cfg = train.get_config(['--config', 'wt103_txl_base', '--n-layer', '1'])
+    assert train.unaligned(train.build_model(cfg, 200008))   # 410 wide, aligned vocabulary
+
+
 def test_command_line_forms_parse_alike():
     forms = [['--count-params', '--k', '2048', '--depth', '7'],
              ['--count-params', 'k=2048', 'depth=7'],           # a bare flag, then key=value
