@@ -138,8 +138,14 @@ class Layer(nn.Module):
         return self.norms[i](x) if self.pre_norm else x
 
     def _post(self, x, h, i):        # residual; post-norm: normalise the sum
-        x = x + F.dropout(h, self.dropout, self.training)
-        return x if self.pre_norm else self.norms[i](x)
+        if self.pre_norm:
+            return x + F.dropout(h, self.dropout, self.training)
+        # post-norm: the LayerNorm's output is the next residual stream. Autocast returns it
+        # in float32; keep it in the sublayers' dtype (bf16), as mixed-precision trainers do:
+        # half the bytes for every norm, residual add and matmul input that touches it. The
+        # sum itself is taken in the weights' precision (compiled: inside the norm's kernel)
+        x = x.to(self.norms[i].weight.dtype) + F.dropout(h, self.dropout, self.training)
+        return self.norms[i](x).to(h.dtype)
 
     def forward(self, x, mask=None, causal=False, past=None, memory_kv=None, memory_mask=None):
         h, kv = self.attn(self._pre(x, 0), mask, causal, past)

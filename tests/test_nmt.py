@@ -249,6 +249,22 @@ def test_label_smoothed_loss_equals_torch_cross_entropy_on_tied_logits():
     assert torch.is_tensor(n_tok) and n_tok.item() == sum(lens) + 3
 
 
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_autocast_residual_stream_dtype(pre_norm):
+    """Under bf16 autocast a post-norm block hands on its LayerNorm's output in bf16 (the
+    sublayers' dtype), a pre-norm block its float32 residual sum; the loss stays near the
+    float32 one."""
+    torch.manual_seed(0)
+    model = _model(pre_norm=pre_norm).eval()
+    src, tgt = _random_ids([5, 7, 2], 30), _random_ids([6, 3, 8], 30)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        x, _ = model.encoder[0](model._embed(model.src_io, src))
+        loss, _ = model.loss(src, tgt, label_smoothing=0.1)
+    assert x.dtype == (torch.float32 if pre_norm else torch.bfloat16)
+    torch.testing.assert_close(loss, model.loss(src, tgt, label_smoothing=0.1)[0],
+                               rtol=0.02, atol=0)
+
+
 # ---------------------------------------------------------------- padding
 
 @pytest.mark.parametrize("pre_norm", [False, True])
