@@ -362,7 +362,7 @@ def rank0_first(fn, env):
     return out
 
 
-def compiled(fn, model):
+def compiled(fn, model, varying=False):
     """torch.compile. Where one of `model`'s weights has a side that is not a multiple of 8
     (the published Transformer-XL is 410 wide: 10 heads of 41, FF 2100; vocabularies rarely
     are), every matmul operand is padded to one: an unaligned bf16 matmul runs at a third of
@@ -371,8 +371,15 @@ def compiled(fn, model):
     inner size of every weight gradient (a translation batch of 24,050 target tokens), and
     copies the 24k x 50k logits' gradient and each layer's activations for it (Transformer
     base on an H200: 40.4 ms per step unforced, 47.1 forced)."""
+    import torch._inductor.config
+    options = {'force_shape_pad': unaligned(model)}
+    if varying and hasattr(torch._inductor.config.triton, 'coalesce_tiling_analysis'):
+        # shapes that change every step (translation batches) compile dynamic from the
+        # second step on, and there the coalescing analysis of torch 2.11's GPU code fails
+        # an assertion (tiling_utils.get_pw_red_splits); it is meant for static shapes
+        options['triton.coalesce_tiling_analysis'] = False
     _one_pass_rows()
-    return torch.compile(fn, options={'force_shape_pad': unaligned(model)})
+    return torch.compile(fn, options=options)
 
 
 def unaligned(model):
@@ -954,7 +961,7 @@ def train_nmt(cfg, env):
         st.update(resume_state(cfg, env, model, opt, {})[0])
     wrapped = LossOf(model)     # DDP all-reduces only what runs inside its forward
     ddp = DDP(wrapped, device_ids=[env['local_rank']] if device.type == 'cuda' else None) if world > 1 else wrapped
-    loss_fn = compiled(ddp, model) if cfg['compile'] else ddp
+    loss_fn = compiled(ddp, model, varying=True) if cfg['compile'] else ddp
     vocab = dict(src=corpus.src_vocab, tgt=corpus.tgt_vocab)
 
     def save(name='ckpt.pt'):
