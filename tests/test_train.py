@@ -82,6 +82,27 @@ def test_compile_forces_matmul_padding_only_for_unaligned_weights():
     assert train.unaligned(train.build_model(cfg, 200008))   # 410 wide, aligned vocabulary
 
 
+def test_translation_training_compiles_without_the_coalescing_analysis(data_root, cache,
+                                                                       tmp_path, monkeypatch):
+    """train.py --model nmt --compile True hands torch.compile the padding rule and, for
+    its batches of changing shape, turns inductor's coalescing analysis off (it fails an
+    assertion under dynamic shapes on torch 2.11's GPU code). torch.compile is replaced by
+    a recorder that returns the function uncompiled."""
+    seen = []
+
+    def record(fn, options=None, **kw):
+        seen.append(options)
+        return fn
+    monkeypatch.setattr(torch, 'compile', record)
+    run(TINY_NMT + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                    '--max-iters', '1', '--compile', 'True', '--max-vocab', '1000'])
+    import torch._inductor.config as inductor
+    want = {'force_shape_pad': False}
+    if hasattr(inductor.triton, 'coalesce_tiling_analysis'):
+        want['triton.coalesce_tiling_analysis'] = False
+    assert seen == [want]
+
+
 def test_command_line_forms_parse_alike():
     forms = [['--count-params', '--k', '2048', '--depth', '7'],
              ['--count-params', 'k=2048', 'depth=7'],           # a bare flag, then key=value
