@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from define import TokenIO
-from nmt import Transformer, average_checkpoints, bleu
+from nmt import Transformer, attend, average_checkpoints, bleu
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -115,6 +115,30 @@ def test_model_equals_torch_transformer_layers(pre_norm, attn_impl):
     if pre_norm:
         y = F.layer_norm(y, (d,), model.dec_norm.weight, model.dec_norm.bias)
     torch.testing.assert_close(model(src, tgt), y)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("T,S", [(5, 13), (13, 13), (1, 9), (8, 16)])
+def test_math_attention_equals_sdpa(T, S, masked, causal):
+    """The explicit ('math') attention equals F.scaled_dot_product_attention, value and
+    gradients, for key masks, causal offsets (T < S) and key counts off a multiple of 8."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.double, requires_grad=True) for n in (T, S, S))
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 1, S) > 0.4
+        mask[..., 0] = True                      # every query keeps a key, causal or not
+    got = attend(q, k, v, mask, causal, 0.0, 'math')
+    if causal:                                   # query i sees keys up to S - T + i
+        keep = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        mask = keep if mask is None else mask & keep
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(got, want)
+    w = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)),
+                    torch.autograd.grad((want * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
 
 
 # ---------------------------------------------------------------- incremental decoding
