@@ -347,10 +347,15 @@ class AdaptiveSoftmax(nn.Module):
         """Negative log-likelihood of `target` (...,) given h (..., d_hidden); counts: see
         counts() (ignored targets are counted in the head, as index 0)."""
         h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
-        if self.n_tail == 0:
-            ce = smoothed_cross_entropy if torch.compiler.is_compiling() else F.cross_entropy
-            return ce(_upcast(self._logits(h, 0, inp)), target, reduction=reduction,
-                      ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if self.n_tail == 0 and not torch.compiler.is_compiling():
+            return F.cross_entropy(_upcast(self._logits(h, 0, inp)), target, reduction=reduction,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if self.n_tail == 0:   # compiled: the bias is added inside the loss's fused kernels,
+            # not by the matmul, whose addmm would first copy it into every row of (N, V)
+            z = _upcast(F.linear(self._in_band(h, 0, inp), inp.tables[0]))
+            z = z + self.bias if self.bias is not None else z
+            return smoothed_cross_entropy(z, target, reduction=reduction,
+                                          ignore_index=ignore_index, label_smoothing=label_smoothing)
         if label_smoothing:
             raise ValueError("label smoothing needs a full softmax; pass no cutoffs")
         valid = target != ignore_index
