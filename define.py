@@ -314,10 +314,10 @@ class AdaptiveSoftmax(nn.Module):
             h = h @ inp.projs[i]
         return h
 
-    def _logits(self, h, i, inp):           # (N, d_hidden) -> (N, V_i [+ clusters if i == 0])
+    def _logits(self, h, i, inp, bias=True):   # (N, d_hidden) -> (N, V_i [+ clusters if i == 0])
         lo, hi = self.bounds[i], self.bounds[i + 1]
         h = self._in_band(h, i, inp)
-        bias = self.bias[lo:hi] if self.bias is not None else None
+        bias = self.bias[lo:hi] if bias and self.bias is not None else None
         logits = F.linear(h, inp.tables[i], bias)
         if i == 0 and self.cluster is not None:
             logits = torch.cat([logits, self.cluster(h).to(logits.dtype)], -1)
@@ -347,15 +347,15 @@ class AdaptiveSoftmax(nn.Module):
         """Negative log-likelihood of `target` (...,) given h (..., d_hidden); counts: see
         counts() (ignored targets are counted in the head, as index 0)."""
         h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
-        if self.n_tail == 0 and not torch.compiler.is_compiling():
-            return F.cross_entropy(_upcast(self._logits(h, 0, inp)), target, reduction=reduction,
-                                   ignore_index=ignore_index, label_smoothing=label_smoothing)
-        if self.n_tail == 0:   # compiled: the bias is added inside the loss's fused kernels,
-            # not by the matmul, whose addmm would first copy it into every row of (N, V)
-            z = _upcast(F.linear(self._in_band(h, 0, inp), inp.tables[0]))
-            z = z + self.bias if self.bias is not None else z
-            return smoothed_cross_entropy(z, target, reduction=reduction,
-                                          ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if self.n_tail == 0:
+            args = dict(reduction=reduction, ignore_index=ignore_index,
+                        label_smoothing=label_smoothing)
+            if not torch.compiler.is_compiling():
+                return F.cross_entropy(_upcast(self._logits(h, 0, inp)), target, **args)
+            # compiled: the bias is added inside the loss's fused kernels, not by the matmul,
+            # whose addmm would first copy it into every row of (N, V)
+            z = _upcast(self._logits(h, 0, inp, bias=False))
+            return smoothed_cross_entropy(z if self.bias is None else z + self.bias, target, **args)
         if label_smoothing:
             raise ValueError("label smoothing needs a full softmax; pass no cutoffs")
         valid = target != ignore_index
