@@ -7,6 +7,9 @@ Data for DeFINE: word-level LM corpora (PTB, WikiText-2, WikiText-103) and paral
   into bands by id.
 - batchify / lm_batch / variable_bptt: the (T, B) stream layout of AWD-LSTM and Transformer-XL.
 - parallel_corpus(name) -> ParallelCorpus; token_batches / collate / detokenize for translation.
+- LMBatches / TranslationBatches: training steps for train.py's one loop (next() -> Batch, or
+  None at the end of an epoch; state_dict() for exact resumption); lm_eval_batches /
+  translation_eval_batches: (x, y, n_targets) for evaluation.
 
 Corpora are read from data_dir (--data-dir) when given, as DIR/<dataset>/{train,valid,test}.txt or
 the original file names (multi30k: DIR/multi30k/{tok,raw}/...); otherwise from the cache
@@ -421,13 +424,26 @@ class ParallelCorpus:
 
     def lengths(self, split):
         """-> (src_lens, tgt_lens) int64 arrays, the input of token_batches."""
-        return tuple(np.fromiter(map(len, side), np.int64, len(side)) for side in self.splits[split])
+        return _lengths(self.splits[split])
+
+    def head(self, split, max_tokens=None):
+        """(src, tgt) sentences and the references of a split; with max_tokens only the
+        first sentences, up to that many target tokens (a quick evaluation)."""
+        pairs, refs = self.splits[split], self.text(split)
+        if max_tokens:
+            n = int(np.searchsorted(np.cumsum(_lengths(pairs)[1]), max_tokens)) + 1
+            pairs, refs = (pairs[0][:n], pairs[1][:n]), refs[:n]
+        return pairs, refs
 
     def __repr__(self):
         sizes = ' / '.join(f'{k} {len(v[0]):,}' for k, v in self.splits.items())
         joint = 'joint' if self.src_vocab is self.tgt_vocab else 'separate'
         return (f"ParallelCorpus('{self.name}' {self.src_lang}->{self.tgt_lang}: vocab {len(self.src_vocab):,}"
                 f"/{len(self.tgt_vocab):,} ({joint}); {sizes} pairs)")
+
+
+def _lengths(pairs):    # (src, tgt) sentence lists -> their lengths, two int64 arrays
+    return tuple(np.fromiter(map(len, side), np.int64, len(side)) for side in pairs)
 
 
 def _vocab(counter, max_vocab, min_freq):
@@ -562,3 +578,102 @@ def detokenize(ids, vocab, eos=3, skip=(0, 2)):
         if i not in skip:
             words.append(vocab[i])
     return ' '.join(words)
+
+
+# -----------------------------------------------------------------------------
+# training steps and evaluation batches: one interface for both kinds of corpus
+
+@dataclass
+class Batch:
+    micro: list            # [(x, y)] host LongTensors, one pair per micro-batch
+    tokens: int            # tokens the step reads (language models: targets; translation:
+                           # source + target, pads excluded), for tokens/s
+    lr_scale: float = 1.0  # AWD-LSTM's variable length: the lr is scaled by length / bptt
+
+
+class LMBatches:
+    """A language model's training steps over (T, B) streams (batchify): consecutive windows
+    of bptt tokens (variable: AWD-LSTM's random lengths, the same on every rank for the same
+    seed), each cut into `accum` micro-batches of B / accum streams. next() -> Batch, or None
+    once at the end of every epoch, where the carried state starts afresh."""
+
+    def __init__(self, data, bptt, accum=1, variable=False, seed=0):
+        if data.size(1) % accum:
+            raise ValueError(f'{data.size(1)} streams cannot be cut into {accum} micro-batches')
+        self.data, self.bptt, self.accum, self.variable = data, bptt, accum, variable
+        self.rng = np.random.default_rng(seed)
+        self.epoch, self.pos = 0, 0
+
+    def next(self):
+        if self.pos >= len(self.data) - 2:
+            self.epoch, self.pos = self.epoch + 1, 0
+            return None
+        seq_len = variable_bptt(self.rng, self.bptt) if self.variable else self.bptt
+        x, y = lm_batch(self.data, self.pos, seq_len)       # (L, B), L clipped at the end
+        self.pos += seq_len
+        return Batch(list(zip(x.chunk(self.accum, 1), y.chunk(self.accum, 1))), y.numel(),
+                     seq_len / self.bptt if self.variable else 1.0)
+
+    @property
+    def progress(self):                                     # share of the epoch done
+        return self.pos / len(self.data)
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, pos=self.pos, rng=self.rng.bit_generator.state)
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self.rng.bit_generator.state = state['epoch'], state['pos'], state['rng']
+
+
+class TranslationBatches:
+    """Translation training steps: the split's token_batches (this rank's share, reshuffled
+    every epoch), `accum` of them per step, collated. next() -> Batch, or None once at the
+    end of every epoch."""
+
+    def __init__(self, split, max_tokens, accum=1, seed=0, rank=0, world_size=1, pad=0):
+        self.split, self.max_tokens, self.accum, self.pad = split, max_tokens, accum, pad
+        self.lens = _lengths(split)
+        self.shard = dict(seed=seed, rank=rank, world_size=world_size)
+        self.epoch, self.batch, self._order = 0, 0, None
+
+    def _batches(self):                                     # this epoch's, made once
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = self.epoch, token_batches(*self.lens, self.max_tokens, epoch=self.epoch,
+                                                    **self.shard)
+        return self._order[1]
+
+    def next(self):
+        batches = self._batches()
+        if self.batch + self.accum > len(batches):
+            self.epoch, self.batch = self.epoch + 1, 0
+            return None
+        micro = [collate(self.split, b) for b in batches[self.batch:self.batch + self.accum]]
+        self.batch += self.accum
+        tokens = sum(int((s != self.pad).sum() + (t[:, 1:] != self.pad).sum()) for s, t in micro)
+        return Batch(micro, tokens)
+
+    @property
+    def progress(self):
+        return self.batch / len(self._batches())
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, batch=self.batch)
+
+    def load_state_dict(self, state):
+        self.epoch, self.batch = state['epoch'], state['batch']
+
+
+def lm_eval_batches(tokens, batch_size, seq_len):
+    """(x, y, number of targets) windows of seq_len over a split's (N,) stream, in order: a
+    model carries its state from one to the next."""
+    data = batchify(tokens, batch_size)
+    for i in range(0, len(data) - 1, seq_len):
+        x, y = lm_batch(data, i, seq_len)
+        yield x, y, y.numel()
+
+
+def translation_eval_batches(split, max_tokens, pad=0):
+    """(src, tgt, number of non-pad targets) batches over all sentence pairs of a split."""
+    for b in token_batches(*_lengths(split), max_tokens, shuffle=False):
+        src, tgt = collate(split, b, pad=pad)
+        yield src, tgt, int((tgt[:, 1:] != pad).sum())

@@ -21,10 +21,14 @@ AdaptiveSoftmax(inp, d_hidden, bias=True)
     passed at call time): a full softmax with one band, Grave et al.'s adaptive softmax with
     several. Works in the map's space: the hidden state is projected to it when d_hidden
     differs (one projection per band, Transformer-XL style).
-TokenIO(kind, vocab_size, d_model, n=None, ...)
+TokenIO(kind, vocab_size, d_model, n=None, ..., output=True)
     The seam every model uses. kind in KINDS = ('standard', 'projective', 'adaptive',
     'define'). .embed(ids) -> (..., d_embed); .loss(hidden, targets) -> NLL;
     .log_probs(hidden) -> (..., V); .cache() swaps the input path for one lookup table.
+    output=False builds the input side alone (a translation model's source vocabulary).
+    ids and targets may stay on the host while the parameters are on a GPU: the
+    bookkeeping that depends on their values (DeFINE's distinct tokens, the adaptive
+    softmax's cluster sizes) then runs on the host, and the GPU never waits for it.
 count_params(model) -> dict(define=, io=, context=, total=)
     The split of the paper's tables: DeFINE units, TokenIO (maps, projections, outputs), rest.
 
@@ -268,25 +272,6 @@ class AdaptiveInput(nn.Module):
         return out
 
 
-def smoothed_cross_entropy(z, target, reduction='mean', ignore_index=-100, label_smoothing=0.0):
-    """F.cross_entropy(z (N, V), target (N,), ...) written for torch.compile: the target's
-    logit is picked by comparing an iota with the target, not by gather, whose backward is
-    a scatter into a zero-filled (N, V) tensor. Compiled, the forward is one fused reduction
-    over the logits and the backward one kernel (softmax - smoothed one-hot, written in the
-    logits' dtype): 3.3 ms instead of 3.9 for the 24k x 50k logits of a Transformer-base
-    step on an H200. Eager, the comparison would build (N, V) temporaries: there
-    F.cross_entropy is the better choice."""
-    eps, V = label_smoothing, z.shape[-1]
-    hit = torch.arange(V, device=z.device) == target[:, None]                 # (N, V)
-    # -log p_t (1 - eps) - mean_j log p_j eps, with log p_j = z_j - logsumexp(z)
-    nll = z.logsumexp(-1) - (1 - eps) * torch.where(hit, z, 0).sum(-1) - eps * z.mean(-1)
-    keep = target != ignore_index
-    nll = torch.where(keep, nll, 0)                                           # (N,)
-    if reduction == 'none':
-        return nll
-    return nll.sum() if reduction == 'sum' else nll.sum() / keep.sum()
-
-
 class AdaptiveSoftmax(nn.Module):
     """log p(w | h) tied to an AdaptiveInput: full softmax for one band, else adaptive softmax
     (Grave et al. 2017): head = band 0 plus one logit per tail cluster; a tail token's
@@ -314,64 +299,51 @@ class AdaptiveSoftmax(nn.Module):
             h = h @ inp.projs[i]
         return h
 
-    def _logits(self, h, i, inp, bias=True):   # (N, d_hidden) -> (N, V_i [+ clusters if i == 0])
+    def _logits(self, h, i, inp):           # (N, d_hidden) -> (N, V_i [+ clusters if i == 0])
         lo, hi = self.bounds[i], self.bounds[i + 1]
         h = self._in_band(h, i, inp)
-        bias = self.bias[lo:hi] if bias and self.bias is not None else None
-        logits = F.linear(h, inp.tables[i], bias)
+        logits = F.linear(h, inp.tables[i], None if self.bias is None else self.bias[lo:hi])
         if i == 0 and self.cluster is not None:
             logits = torch.cat([logits, self.cluster(h).to(logits.dtype)], -1)
-        return logits
+        return _upcast(logits)
 
     def log_probs(self, h, inp):            # (..., d_hidden) -> (..., V) float32
         lead, h = h.shape[:-1], h.reshape(-1, h.shape[-1])
-        head = F.log_softmax(_upcast(self._logits(h, 0, inp)), -1)
+        head = F.log_softmax(self._logits(h, 0, inp), -1)
         c0 = self.bounds[1]
         parts = [head[:, :c0]]
         for i in range(1, self.n_tail + 1):
-            tail = F.log_softmax(_upcast(self._logits(h, i, inp)), -1)
+            tail = F.log_softmax(self._logits(h, i, inp), -1)
             parts.append(tail + head[:, c0 + i - 1:c0 + i])
         return torch.cat(parts, -1).view(*lead, self.vocab_size)
 
-    def _band(self, target):                # (N,) ids -> (N,) cluster, 0 = head
-        return torch.bucketize(target, torch.tensor(self.bounds[1:-1], device=target.device),
-                               right=True)
-
-    def counts(self, target):
-        """Targets per cluster (head first) as Python ints: the loss's one host sync, which a
-        caller may take early (before a long forward is queued) and pass to loss()."""
-        return torch.bincount(self._band(target.reshape(-1)), minlength=self.n_tail + 1).tolist()
-
-    def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0,
-             counts=None):
-        """Negative log-likelihood of `target` (...,) given h (..., d_hidden); counts: see
-        counts() (ignored targets are counted in the head, as index 0)."""
+    def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0):
+        """Negative log-likelihood of `target` (...,) given h (..., d_hidden): a scalar, or
+        (N,) for reduction='none'. target may be on the host (see TokenIO)."""
         h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
         if self.n_tail == 0:
-            args = dict(reduction=reduction, ignore_index=ignore_index,
-                        label_smoothing=label_smoothing)
-            if not torch.compiler.is_compiling():
-                return F.cross_entropy(_upcast(self._logits(h, 0, inp)), target, **args)
-            # compiled: the bias is added inside the loss's fused kernels, not by the matmul,
-            # whose addmm would first copy it into every row of (N, V)
-            z = _upcast(self._logits(h, 0, inp, bias=False))
-            return smoothed_cross_entropy(z if self.bias is None else z + self.bias, target, **args)
+            return F.cross_entropy(self._logits(h, 0, inp), target.to(h.device, non_blocking=True),
+                                   ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing)
         if label_smoothing:
             raise ValueError("label smoothing needs a full softmax; pass no cutoffs")
         valid = target != ignore_index
         target = torch.where(valid, target, 0)
-        band = self._band(target)                               # (N,) 0 = head
+        band = torch.bucketize(target, torch.tensor(self.bounds[1:-1], device=target.device),
+                               right=True)                      # (N,) cluster, 0 = head
+        # sort the tokens by cluster and split them by the cluster sizes: the one host sync
+        # of the loss, none at all where the targets are on the host
+        order = torch.argsort(band, stable=True)
+        counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
+        valid, target, band, order = (t.to(h.device, non_blocking=True)
+                                      for t in (valid, target, band, order))
         c0 = self.bounds[1]
-        head = F.log_softmax(_upcast(self._logits(h, 0, inp)), -1)
+        head = F.log_softmax(self._logits(h, 0, inp), -1)
         head_idx = torch.where(band == 0, target, c0 + band - 1)
         nll = -head.gather(1, head_idx[:, None]).squeeze(1)     # (N,)
-        # one host sync for all clusters: sort tokens by cluster, split by the counts
-        order = torch.argsort(band, stable=True)
-        if counts is None:
-            counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
         for i, idx in enumerate(order.split(counts)[1:], 1):    # empty clusters still run, so
             lo = self.bounds[i]                                  # DDP sees every parameter used
-            tail = F.log_softmax(_upcast(self._logits(h[idx], i, inp)), -1)
+            tail = F.log_softmax(self._logits(h[idx], i, inp), -1)
             nll = nll.index_add(0, idx, -tail.gather(1, (target[idx] - lo)[:, None]).squeeze(1))
         nll = nll * valid
         if reduction == 'none':
@@ -402,12 +374,13 @@ class TokenIO(nn.Module):
     dedup       define only: run the unit once per distinct token of the batch, then
                 gather (same function and gradients, less work; dropout inside the unit
                 is then drawn per token type).
+    output      False: no output layer (a vocabulary that is read, never predicted).
     """
 
     def __init__(self, kind, vocab_size, d_model, n=None, d_hidden=None, cutoffs=(),
                  factor=None, out_bias=None, embed_scale=1.0, init_std=None,
                  k=1024, m=None, depth=3, g_max=4, variant='define', unit_bias=True,
-                 unit_norm=True, unit_act='gelu', unit_dropout=0.0, dedup=False):
+                 unit_norm=True, unit_act='gelu', unit_dropout=0.0, dedup=False, output=True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} unknown; choose one of {KINDS}")
@@ -436,26 +409,18 @@ class TokenIO(nn.Module):
                 self.in_proj = nn.Linear(m, d_model, bias=False)
         self.d_hidden = d_model if d_hidden is None else d_hidden
         out_bias = factor == 1 if out_bias is None else out_bias
-        self.out = AdaptiveSoftmax(self.map, self.d_hidden, bias=out_bias)
+        self.out = AdaptiveSoftmax(self.map, self.d_hidden, bias=out_bias) if output else None
         self.cached = None                          # (V, d_embed) table once cache() ran
 
-    def embed(self, ids, drop=0.0, distinct=None):  # (...) ids -> (..., d_embed)
-        """`drop`: embedding dropout on the rows of the map tables (AWD-LSTM's dropoute).
-        `distinct`: what distinct(ids) returned, or None (then the dedup syncs itself)."""
+    def embed(self, ids, drop=0.0):                 # (...) ids -> (..., d_embed)
+        """`drop`: embedding dropout on the rows of the map tables (AWD-LSTM's dropoute)."""
+        dev = self.map.tables[0].device
         if self.cached is not None and not self.training:
-            return F.embedding(ids, self.cached)
+            return F.embedding(ids.to(dev), self.cached)
         if self.unit is not None and self.dedup:    # DeFINE once per distinct token
-            uniq, inv = self.distinct(ids) if distinct is None else distinct
-            return self._input_path(uniq, drop)[inv]
-        return self._input_path(ids, drop)
-
-    def distinct(self, ids):
-        """(uniq (U,), inv (ids' shape)) for the dedup: uniq[inv] == ids, or None without it.
-        On the GPU torch.unique waits for the host (U is data-dependent); from a host copy of
-        the ids, moved over with the batch, the step needs no sync at all."""
-        if self.unit is None or not self.dedup:
-            return None
-        return torch.unique(ids, return_inverse=True)
+            uniq, inv = torch.unique(ids, return_inverse=True)    # uniq[inv] == ids
+            return self._input_path(uniq.to(dev, non_blocking=True), drop)[inv.to(dev, non_blocking=True)]
+        return self._input_path(ids.to(dev, non_blocking=True), drop)
 
     forward = embed
 
@@ -467,23 +432,17 @@ class TokenIO(nn.Module):
             x = self.in_proj(x)                     # (..., d_model)
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
-    def loss(self, hidden, targets, reduction='mean', ignore_index=-100, label_smoothing=0.0,
-             counts=None):
-        """NLL of targets (...,) under hidden (..., d_hidden): a scalar, or (N,) for 'none'.
-        counts: what loss_counts(targets) returned, or None (then the loss syncs itself)."""
-        return self.out.loss(hidden, targets, self.map, reduction, ignore_index, label_smoothing,
-                             counts)
-
-    def loss_counts(self, targets, ignore_index=-100):
-        """The adaptive softmax's targets per cluster (None for a full softmax), to pass to
-        loss(): from a host copy of the targets it needs no sync at all, and on the GPU a
-        loop may take its one sync before a long forward is queued instead of after it."""
-        if self.out.n_tail == 0:
-            return None
-        return self.out.counts(torch.where(targets != ignore_index, targets, 0))
+    def loss(self, hidden, targets, reduction='mean', ignore_index=-100, label_smoothing=0.0):
+        """NLL of targets (...,) under hidden (..., d_hidden): a scalar, or (N,) for 'none'."""
+        return self._output().loss(hidden, targets, self.map, reduction, ignore_index, label_smoothing)
 
     def log_probs(self, hidden):                    # (..., d_hidden) -> (..., V) float32
-        return self.out.log_probs(hidden, self.map)
+        return self._output().log_probs(hidden, self.map)
+
+    def _output(self):
+        if self.out is None:
+            raise RuntimeError("this TokenIO was built with output=False: it embeds, it does not predict")
+        return self.out
 
     @torch.no_grad()
     def cache(self, chunk=65536):

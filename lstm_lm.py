@@ -14,9 +14,11 @@ Stacked single-layer LSTMs, time-major (T, B). The regularisers of the paper:
 The last LSTM layer is as wide as the output side (io.d_hidden) so the softmax can be tied to
 the table: 400 for the standard PTB model, n = 128 with DeFINE.
 
-forward(ids, targets, state) -> (loss, nll, state): loss is what to minimise (nll + AR + TAR
-when training), nll the mean negative log-likelihood, state the detached (h, c) per layer.
+forward(ids, targets, state) -> (loss, state): loss is the mean negative log-likelihood, plus
+AR and TAR in training mode (what training minimises); state the detached (h, c) per layer.
 """
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,20 +45,17 @@ class AWDLSTM(nn.Module):
         for rnn in self.rnns:   # AWD-LSTM's range, U(-1/sqrt(h), 1/sqrt(h)), is nn.LSTM's own
             rnn.flatten_parameters()
 
-    def _run(self, rnn, x, hc):
-        # Under autocast cuDNN runs the recurrence in bf16: each time step reads the whole
-        # hidden-to-hidden matrix, so half the bytes is most of the speed. rnn_fp32 keeps it
-        # in float32 (TF32) instead.
-        low = torch.is_autocast_enabled(x.device.type) and not self.rnn_fp32
-        with torch.autocast(x.device.type, enabled=low,
-                            cache_enabled=torch.is_autocast_cache_enabled()):
-            if not low:
-                x = x.to(rnn.weight_ih_l0.dtype)
+    def _run(self, rnn, x, hc):           # one LSTM layer: x (T, B, d_in) -> y (T, B, d_out), (h, c)
+        # autocast runs cuDNN's recurrence in bf16; rnn_fp32 keeps it in float32 (TF32)
+        fp32 = self.rnn_fp32 and torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if fp32 else nullcontext():
+            if fp32:
+                x, hc = x.float(), hc and tuple(s.float() for s in hc)
             if not (self.training and self.wdrop > 0):
                 return rnn(x, hc)
             # DropConnect: the same LSTM called as a function of [W_ih, dropped W_hh, b_ih,
             # b_hh]. Handing nn.LSTM a replaced weight would make it re-flatten, i.e. move
-            # its Parameters into newly allocated memory, on every call (and break CUDA graphs)
+            # its Parameters into newly allocated memory, on every call
             w = [rnn.weight_ih_l0, F.dropout(rnn.weight_hh_l0, self.wdrop, training=True),
                  rnn.bias_ih_l0, rnn.bias_hh_l0]
             if hc is None:
@@ -75,11 +74,10 @@ class AWDLSTM(nn.Module):
             raw = x
             last = l == len(self.rnns) - 1
             x = locked_dropout(x, self.dropout if last else self.dropouth, self.training)
-        nll = self.io.loss(x, targets)                          # x: (T, B, d_hidden)
-        loss = nll
+        loss = self.io.loss(x, targets)                         # x: (T, B, d_hidden)
         if self.training:
             if self.alpha:
                 loss = loss + self.alpha * x.float().pow(2).mean()
             if self.beta:
                 loss = loss + self.beta * (raw[1:] - raw[:-1]).float().pow(2).mean()
-        return loss, nll, new_state
+        return loss, new_state

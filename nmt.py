@@ -5,12 +5,15 @@ with batched greedy and beam search, checkpoint averaging and corpus BLEU.
 Public API
 ----------
 Transformer(src_io, tgt_io, n_layer=6, n_head=8, d_ff=2048, dropout=0.1, attn_dropout=0.0,
-            act_dropout=0.0, pre_norm=False, max_len=1024, pad=0, bos=2, eos=3,
-            attn_impl='math')
+            act_dropout=0.0, pre_norm=False, label_smoothing=0.0, max_len=1024, pad=0, bos=2,
+            eos=3)
     src_io, tgt_io: define.TokenIO (pass one object twice to share the vocabulary: source
-    and target embeddings and the output layer are then a single table).
-  .forward(src (B, S), tgt_in (B, T)) -> decoder hidden (B, T, d)     batch-first, pad-padded
-  .loss(src, tgt, label_smoothing=0.1) -> (loss_sum, n_tokens)        tgt = <s> ... </s> pad*
+    and target embeddings and the output layer are then a single table; a separate source
+    TokenIO is built with output=False, since the source is never predicted).
+  .forward(src (B, S), tgt (B, T + 2), state=None) -> (loss, None)   tgt = <s> ... </s> pad*
+      mean cross entropy of tgt[:, 1:] given tgt[:, :-1] over the non-pad targets, label-
+      smoothed in training mode; the state is what the language models carry (none here)
+  .hidden(src, tgt_in (B, T)) -> decoder output (B, T, d)     batch-first, pad-padded
   .encode(src) -> (memory (B, S, d), src_pad_mask (B, S), True at pads)
   .decode(tgt_in, memory, src_pad_mask) -> (B, T, d)
   .init_cache(memory, src_pad_mask) -> cache     .decode_step(tokens (N,), cache) -> (N, V)
@@ -18,6 +21,8 @@ Transformer(src_io, tgt_io, n_layer=6, n_head=8, d_ff=2048, dropout=0.1, attn_dr
   .greedy(src, max_len_a=1.0, max_len_b=50) -> [[token ids]]
   .beam_search(src, beam=4, lenpen=0.6, max_len_a=1.0, max_len_b=50, return_scores=False)
       -> [[token ids]], or ([[token ids]], scores (B,)) with return_scores=True
+  .translate(sentences, beam=4, lenpen=0.6, max_len_b=50, batch_size=64) -> [[token ids]]
+      lists of source ids (no specials) in, hypotheses out in the same order
 average_checkpoints(paths) -> state_dict          element-wise mean of checkpoints' 'model'
 bleu(hyps, refs, tokenize='none') -> (score, signature)     sacreBLEU corpus BLEU
 
@@ -27,11 +32,8 @@ Choices
   blocks and a final LayerNorm after the encoder and after the decoder. io.embed(ids) comes
   scaled by the TokenIO (embed_scale: sqrt(d) for a table, as published; 1 for DeFINE, whose
   output is already O(1)), plus fixed sinusoids.
-- attn_impl 'math' (explicit scores, softmax in float32) or 'sdpa'
-  (F.scaled_dot_product_attention). Translation sentences are short (about 27 tokens): the
-  fused kernels work in 64-128 wide tiles and waste most of them, and under torch.compile
-  the explicit version fuses into the surrounding kernels. Base model, 25k tokens, H200:
-  41.8 ms/step with 'math', 46.4 with 'sdpa' (which picks cuDNN's kernel there).
+- Attention is written out (scores, softmax in float32, weighted sum): translation
+  sentences are short (about 27 tokens), too short for fused attention kernels to pay.
 - Dropout: `dropout` on embeddings + positions and on every sublayer output before its
   residual add; `attn_dropout` on attention weights; `act_dropout` after the ReLU.
 - Decoding lengths: L = max_len_a * (source length without pads) + max_len_b per sentence
@@ -40,17 +42,13 @@ Choices
 - Beam score (GNMT length penalty): sum of log-probs / ((5 + len) / 6) ** lenpen, len =
   generated tokens counting </s>. Live beams are ranked by the raw sum; a sentence stops
   once it has `beam` finished hypotheses or reaches L; the best finished one is returned.
-- With two different TokenIOs the source one never predicts tokens: its output layer is
-  dropped (src_io.out = None), so every parameter is used (DDP) and counted once.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Transformer', 'average_checkpoints', 'bleu', 'ATTN_IMPLS']
-
-ATTN_IMPLS = ('math', 'sdpa')
+__all__ = ['Transformer', 'average_checkpoints', 'bleu']
 
 
 def _xavier(lin, parts=1):
@@ -70,12 +68,9 @@ def sinusoids(max_len, d):          # (max_len, d): sin on even, cos on odd chan
     return pe.float()
 
 
-def attend(q, k, v, mask, causal, dropout, impl):
+def attend(q, k, v, mask, causal, dropout):
     """q (B, H, T, D), k, v (B, H, S, D); mask (B, 1, 1, S) bool, True = may attend; causal:
     query i sees keys up to S - T + i. -> (B, H, T, D)"""
-    if impl == 'sdpa':
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              dropout_p=dropout)
     s = q @ k.transpose(-1, -2)                                             # (B, H, T, S)
     s = s.to(torch.promote_types(s.dtype, torch.float32)) * q.size(-1) ** -0.5   # bf16 -> f32
     if mask is not None:
@@ -92,9 +87,9 @@ class Attention(nn.Module):
     Cross-attention: q from the decoder, fused kv from the encoder memory (computed once per
     sentence when decoding step by step)."""
 
-    def __init__(self, d, n_head, dropout, cross=False, impl='math'):
+    def __init__(self, d, n_head, dropout, cross=False):
         super().__init__()
-        self.n_head, self.dropout, self.impl = n_head, dropout, impl
+        self.n_head, self.dropout = n_head, dropout
         if cross:
             self.q, self.kv = _xavier(nn.Linear(d, d)), _xavier(nn.Linear(d, 2 * d), 2)
         else:
@@ -117,7 +112,7 @@ class Attention(nn.Module):
                 k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         else:
             (q,), (k, v) = self.heads(self.q(x), 1), kv
-        y = attend(q, k, v, mask, causal, self.dropout if self.training else 0.0, self.impl)
+        y = attend(q, k, v, mask, causal, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).flatten(2)), (k, v)    # (B, T, d)
 
 
@@ -125,12 +120,11 @@ class Layer(nn.Module):
     """Encoder layer (self-attention, FFN) or decoder layer (+ cross-attention between them),
     post-norm LayerNorm(x + dropout(f(x))) or pre-norm x + dropout(f(LayerNorm(x)))."""
 
-    def __init__(self, d, n_head, d_ff, dropout, attn_dropout, act_dropout, pre_norm, cross,
-                 attn_impl='math'):
+    def __init__(self, d, n_head, d_ff, dropout, attn_dropout, act_dropout, pre_norm, cross):
         super().__init__()
         self.dropout, self.act_dropout, self.pre_norm = dropout, act_dropout, pre_norm
-        self.attn = Attention(d, n_head, attn_dropout, impl=attn_impl)
-        self.cross = Attention(d, n_head, attn_dropout, cross=True, impl=attn_impl) if cross else None
+        self.attn = Attention(d, n_head, attn_dropout)
+        self.cross = Attention(d, n_head, attn_dropout, cross=True) if cross else None
         self.ff1, self.ff2 = _xavier(nn.Linear(d, d_ff)), _xavier(nn.Linear(d_ff, d))
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3 if cross else 2))
 
@@ -138,14 +132,8 @@ class Layer(nn.Module):
         return self.norms[i](x) if self.pre_norm else x
 
     def _post(self, x, h, i):        # residual; post-norm: normalise the sum
-        if self.pre_norm:
-            return x + F.dropout(h, self.dropout, self.training)
-        # post-norm: the LayerNorm's output is the next residual stream. Autocast returns it
-        # in float32; keep it in the sublayers' dtype (bf16), as mixed-precision trainers do:
-        # half the bytes for every norm, residual add and matmul input that touches it. The
-        # sum itself is taken in the weights' precision (compiled: inside the norm's kernel)
-        x = x.to(self.norms[i].weight.dtype) + F.dropout(h, self.dropout, self.training)
-        return self.norms[i](x).to(h.dtype)
+        x = x + F.dropout(h, self.dropout, self.training)
+        return x if self.pre_norm else self.norms[i](x)
 
     def forward(self, x, mask=None, causal=False, past=None, memory_kv=None, memory_mask=None):
         h, kv = self.attn(self._pre(x, 0), mask, causal, past)
@@ -161,8 +149,8 @@ class Transformer(nn.Module):
     """Encoder-decoder Transformer over two TokenIOs (or one shared). Batch-first (B, T)."""
 
     def __init__(self, src_io, tgt_io, n_layer=6, n_head=8, d_ff=2048, dropout=0.1,
-                 attn_dropout=0.0, act_dropout=0.0, pre_norm=False, max_len=1024,
-                 pad=0, bos=2, eos=3, attn_impl='math'):
+                 attn_dropout=0.0, act_dropout=0.0, pre_norm=False, label_smoothing=0.0,
+                 max_len=1024, pad=0, bos=2, eos=3):
         super().__init__()
         d = tgt_io.d_model
         for side, io in (('src_io', src_io), ('tgt_io', tgt_io)):
@@ -176,18 +164,15 @@ class Transformer(nn.Module):
             raise ValueError(f"d_model={d} is not divisible by n_head={n_head}")
         if pad == eos:
             raise ValueError(f"pad and eos must be different ids (both {pad})")
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl={attn_impl!r} unknown; choose one of {ATTN_IMPLS}")
+        if src_io is not tgt_io and src_io.out is not None:
+            raise ValueError("a separate source TokenIO is never predicted: build it with "
+                             "output=False (or pass one TokenIO twice to share the vocabulary)")
         self.src_io, self.tgt_io = src_io, tgt_io   # one object twice = one shared table
-        if src_io is not tgt_io:
-            src_io.out = None        # a source vocabulary is never predicted: no unused params
         self.d, self.max_len, self.dropout = d, max_len, dropout
-        self.pad, self.bos, self.eos = pad, bos, eos
+        self.label_smoothing, self.pad, self.bos, self.eos = label_smoothing, pad, bos, eos
         args = (d, n_head, d_ff, dropout, attn_dropout, act_dropout, pre_norm)
-        self.encoder = nn.ModuleList(Layer(*args, cross=False, attn_impl=attn_impl)
-                                     for _ in range(n_layer))
-        self.decoder = nn.ModuleList(Layer(*args, cross=True, attn_impl=attn_impl)
-                                     for _ in range(n_layer))
+        self.encoder = nn.ModuleList(Layer(*args, cross=False) for _ in range(n_layer))
+        self.decoder = nn.ModuleList(Layer(*args, cross=True) for _ in range(n_layer))
         self.enc_norm = nn.LayerNorm(d) if pre_norm else nn.Identity()
         self.dec_norm = nn.LayerNorm(d) if pre_norm else nn.Identity()
         self.register_buffer('pe', sinusoids(max_len, d), persistent=False)
@@ -217,23 +202,24 @@ class Transformer(nn.Module):
     def decode(self, tgt_in, memory, src_pad_mask):    # (B, T) -> (B, T, d)
         mask, x = self._keys(src_pad_mask), self._embed(self.tgt_io, tgt_in)
         for layer in self.decoder:
-            # causal alone is enough (and keeps SDPA's fastest kernels): target pads only
-            # follow the real tokens, so no real position can see one; pad rows see pads
-            # but are never scored (ignore_index)
+            # causal alone is enough: target pads only follow the real tokens, so no real
+            # position can see one; pad rows see pads but are never scored (ignore_index)
             x, _ = layer(x, causal=True, memory_kv=layer.cross.memory_kv(memory),
                          memory_mask=mask)
         return self.dec_norm(x)
 
-    def forward(self, src, tgt_in):    # (B, S), (B, T) -> (B, T, d)
+    def hidden(self, src, tgt_in):     # (B, S), (B, T) -> (B, T, d)
         return self.decode(tgt_in, *self.encode(src))
 
-    def loss(self, src, tgt, label_smoothing=0.1):
+    def forward(self, src, tgt, state=None):
         """tgt (B, T + 2) = <s> ... </s> pad*: predict tgt[:, 1:] from tgt[:, :-1]. Returns the
-        label-smoothed cross entropy summed over non-pad targets and their count (tensors)."""
-        y = tgt[:, 1:]
-        loss = self.tgt_io.loss(self(src, tgt[:, :-1]), y, reduction='sum',
-                                ignore_index=self.pad, label_smoothing=label_smoothing)
-        return loss, (y != self.pad).sum()
+        cross entropy averaged over the non-pad targets (label-smoothed in training mode), and
+        None: the state of the language models' calling convention, which a translation
+        model does not carry."""
+        eps = self.label_smoothing if self.training else 0.0
+        loss = self.tgt_io.loss(self.hidden(src, tgt[:, :-1]), tgt[:, 1:], ignore_index=self.pad,
+                                label_smoothing=eps)
+        return loss, state
 
     # ------------------------------------------------------------------------------------
     # Incremental decoding
@@ -346,6 +332,23 @@ class Transformer(nn.Module):
         hyps = self._strip(fin_seqs[:, 0])
         return (hyps, fin_scores[:, 0]) if return_scores else hyps
 
+
+    @torch.no_grad()
+    def translate(self, sentences, beam=4, lenpen=0.6, max_len_b=50, batch_size=64):
+        """Beam search over lists of source ids (no specials), batched by length (less
+        padding); the hypotheses come back in the order of `sentences`."""
+        dev = self.pe.device
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        out = [None] * len(sentences)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            src = torch.full((len(idx), max(len(sentences[i]) for i in idx) + 1), self.pad)
+            for row, i in enumerate(idx):                    # w1 ... wn </s> pad*
+                src[row, :len(sentences[i]) + 1] = torch.tensor([*sentences[i], self.eos])
+            hyps = self.beam_search(src.to(dev), beam=beam, lenpen=lenpen, max_len_b=max_len_b)
+            for row, i in enumerate(idx):
+                out[i] = hyps[row]
+        return out
 
 # ----------------------------------------------------------------------------------------
 # Checkpoint averaging and BLEU

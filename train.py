@@ -3,15 +3,21 @@
     python train.py --model txl --embed define              # small Transformer-XL on WikiText-2
     python train.py --config ptb_awd_lstm --embed define     # a preset from config/
     python train.py --config wt103_txl --embed define --n 128 --count-params
-    python train.py --config multi30k_transformer --max-iters 2000
     torchrun --standalone --nproc_per_node=2 train.py --config ptb_awd_lstm   # DDP
+    python train.py --eval-only --resume out/ckpt.pt
     python train.py --model nmt --translate --resume out/ckpt.pt < sentences.txt
 
-Every setting is a key of DEFAULTS below. A preset (config/NAME.py, plain assignments)
-overrides them, and `--key value` on the command line overrides both. Without --config the
-model's default preset is used (DEFAULT_PRESET). The resolved config is printed at start and
-stored in every checkpoint.
+Every setting is a key of DEFAULTS below; a preset (config/NAME.py, plain assignments; without
+--config the model's own, DEFAULT_PRESET) overrides them, and the command line overrides both.
+The resolved config is printed at start and stored in every checkpoint.
+
+Read top to bottom: settings -> building a model -> optimisation -> checkpoints -> data and
+evaluation -> train(): set-up, ONE loop for all three models, the final evaluation. Every
+model is called the same way, `loss, state = model(x, y, state)` (state: the LSTM's hidden
+state, Transformer-XL's memory, nothing for translation). fast.py (CUDA graphs, compile) is
+imported only with --cuda-graphs (on a GPU) or --compile; the loop is the same either way.
 """
+import argparse
 import ast
 import json
 import math
@@ -19,15 +25,15 @@ import os
 import runpy
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import data as D
 from define import DeFINE, TokenIO, count_params
 
 ROOT = Path(__file__).resolve().parent
@@ -44,10 +50,8 @@ DEFAULTS = dict(
     vocab_size=None,          # presets carry it so that --count-params needs no data
     device='auto',            # auto | cpu | cuda
     dtype='bfloat16',         # GPU autocast dtype: bfloat16 | float32 (no autocast); CPU: float32
-    compile=False,            # torch.compile the model
-    cuda_graphs=True,         # AWD-LSTM's step (one GPU), Transformer-XL's trunk as CUDA graphs
-    ddp_hooks=True,           # LMs on several GPUs: reduce gradients during backward (DDP), or
-                              # once after it (False; always so with the Transformer-XL graphs)
+    compile=False,            # torch.compile the model (fast.py)
+    cuda_graphs=True,         # on a GPU: replay the AWD-LSTM step, Transformer-XL's layers (fast.py)
     seed=1111,
     # --- token representation (define.TokenIO)
     d_model=410,              # model width (LSTM: embedding width m; None = n)
@@ -72,10 +76,9 @@ DEFAULTS = dict(
     alpha=2.0, beta=1.0,      # activation and temporal activation regularisation
     rnn_fp32=False,           # keep the LSTM recurrence in float32 under bf16 autocast
     asgd=False, nonmono=5,    # NT-ASGD: average once validation stalls for nonmono evals
-    # --- Transformer-XL
+    # --- Transformer-XL (dropatt and pre_norm also the translation model's)
     n_layer=16, n_head=10, d_head=41, d_inner=2100, dropatt=0.0,
-    mem_len=150, clamp_len=-1, same_length=False,
-    pre_norm=False, attn_impl='math',   # also the translation model's (math | sdpa)
+    mem_len=150, clamp_len=-1, same_length=False, pre_norm=False,
     eval_tgt_len=None, eval_mem_len=None, eval_clamp_len=None, eval_same_length=None,
     # --- translation
     src_lang='en', tgt_lang='de', joint_vocab=False, max_vocab=None, corpus_variant='tok',
@@ -96,55 +99,43 @@ DEFAULTS = dict(
     eval_max_tokens=None,     # cap tokens per validation pass (None: the whole split)
     eval_only=False, resume=None, count_params=False,
     save=True,                # checkpoints (metrics.jsonl is always written)
-    embed_cache=False,        # --eval-only: replace the input path by its lookup table first
+    embed_cache=False,        # --eval-only, --translate: replace the input path by its table
 )
+CHOICES = dict(model=('lstm', 'txl', 'nmt'), embed=('standard', 'projective', 'adaptive', 'define'),
+               device=('auto', 'cpu', 'cuda'), dtype=('bfloat16', 'float32'),
+               optimizer=('sgd', 'adam'), schedule=('constant', 'cosine', 'step', 'noam'))
 
 
-# ------------------------------------------------------------------------------ config
+# ------------------------------------------------------------------------------ settings
 
 def get_config(argv):
-    """DEFAULTS <- preset <- command line: `--key value`, `--key=value`, `--flag`, or `key=value`
+    """DEFAULTS <- preset <- command line: `--key value`, `--key=value`, `--flag` or `key=value`
     (under torchrun, whose own options swallow abbreviations like --n and --m, use n=128)."""
-    args, i = {}, 0
-    while i < len(argv):
-        a = argv[i]
-        if not a.startswith('--') and '=' not in a:
-            sys.exit(f"error: unexpected argument {a!r}; settings are given as --key value")
-        key, _, val = a.lstrip('-').partition('=')
-        key = key.replace('-', '_')
-        if key not in DEFAULTS:
-            sys.exit(f"error: unknown setting --{key.replace('_', '-')}; the settings are the keys "
-                     f"of DEFAULTS in train.py")
-        nxt = argv[i + 1] if i + 1 < len(argv) else '--'
-        if not _ and (nxt.startswith('--') or nxt.partition('=')[0].replace('-', '_') in DEFAULTS):
-            val = 'True'                             # a bare flag (next: a setting of its own)
-        elif not _:
-            val, i = argv[i + 1], i + 1
-        args[key] = val
-        i += 1
+    ap = argparse.ArgumentParser(usage='train.py [--key value | --key=value | key=value ...]',
+                                 description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, default in DEFAULTS.items():
+        flag = isinstance(default, bool)
+        ap.add_argument('--' + key.replace('_', '-'), dest=key, default=argparse.SUPPRESS,
+                        type=_parser(default), nargs='?' if flag else None, const=True if flag else None,
+                        metavar='BOOL' if flag else 'VALUE', help=f'default: {default!r}')
+    args = vars(ap.parse_args([_option(a) for a in argv]))
     cfg = dict(DEFAULTS)
-    model = args.get('model', DEFAULTS['model'])
-    preset = args.get('config') or DEFAULT_PRESET.get(model)
+    preset = args.get('config') or DEFAULT_PRESET.get(args.get('model', cfg['model']))
     if preset:
         path = ROOT / 'config' / f'{preset}.py'
         if not path.exists():
-            known = sorted(p.stem for p in (ROOT / 'config').glob('*.py'))
-            sys.exit(f"error: no preset {preset!r}; choose one of {known}")
+            sys.exit(f"error: no preset {preset!r}; choose one of "
+                     f"{sorted(p.stem for p in path.parent.glob('*.py'))}")
         for key, val in runpy.run_path(str(path)).items():
             if not key.startswith('_'):
                 if key not in DEFAULTS:
                     sys.exit(f"error: preset {path.name} sets unknown key {key!r}")
                 cfg[key] = val
-        cfg['config'] = preset
-    for key, val in args.items():
-        cfg[key] = _parse(val, DEFAULTS[key])
-    for key, choices in [('model', ('lstm', 'txl', 'nmt')),
-                         ('embed', ('standard', 'projective', 'adaptive', 'define')),
-                         ('optimizer', ('sgd', 'adam')),
-                         ('schedule', ('constant', 'cosine', 'step', 'noam'))]:
+    cfg.update(args, config=preset)
+    for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             sys.exit(f"error: --{key} {cfg[key]!r} unknown; choose one of {choices}")
-    import data as D
     known = D.PARALLEL_CORPORA if cfg['model'] == 'nmt' else D.LM_CORPORA
     if cfg['dataset'] not in known:
         sys.exit(f"error: --dataset {cfg['dataset']!r} unknown for --model {cfg['model']}; "
@@ -152,30 +143,36 @@ def get_config(argv):
     return cfg
 
 
-def _parse(text, default):
-    if isinstance(default, str):
-        return text
-    if isinstance(default, bool):       # 'false' must not turn a switch on
-        low = text.lower()
-        if low not in ('true', 'false', '1', '0', 'yes', 'no'):
-            sys.exit(f"error: {text!r} is not a switch value; use True or False")
-        return low in ('true', '1', 'yes')
-    try:
-        return ast.literal_eval(text)     # numbers, True/False/None, lists
-    except (ValueError, SyntaxError):
-        return text
+def _option(arg):   # key=value and --some_key -> --some-key (argparse's spelling)
+    name, eq, value = arg.lstrip('-').partition('=')
+    if arg.startswith('--') or (eq and name.replace('-', '_') in DEFAULTS):
+        return '--' + name.replace('_', '-') + eq + value
+    return arg
+
+
+def _parser(default):
+    def parse(text):
+        if isinstance(default, bool):         # 'false' must not turn a switch on
+            if text.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a switch value; use True or False")
+            return text.lower() in ('true', '1', 'yes')
+        try:
+            return text if isinstance(default, str) else ast.literal_eval(text)  # numbers, lists
+        except (ValueError, SyntaxError):
+            return text
+    return parse
 
 
 # ------------------------------------------------------------------------------ building
 
-def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None):
+def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None, output=True):
     e = cfg['embed']
     # Transformers scale a table lookup by sqrt(d) (its rows start with std ~ d^-1/2 or 0.02);
     # a DeFINE unit ends in a Reduce of LayerNorm-ed features, already O(1): scaling it too
     # made it ~16x the position signal and broke bf16 training of the translation model
     scale = d_model ** 0.5 if cfg['model'] in ('txl', 'nmt') and e != 'define' else 1.0
     kw = dict(cutoffs=cfg['cutoffs'], d_hidden=d_hidden, init_std=init_std, embed_scale=scale,
-              factor=None if e == 'standard' else cfg['factor'])
+              factor=None if e == 'standard' else cfg['factor'], output=output)
     if e == 'define':
         kw.update(n=cfg['n'], k=cfg['k'], m=cfg['m'] or d_model, depth=cfg['depth'],
                   g_max=cfg['g_max'], variant=cfg['variant'],
@@ -201,34 +198,33 @@ def build_model(cfg, vocab):
         io = build_io(cfg, vocab, cfg['d_model'], init_std=0.02)   # the published init
         return TransformerXL(io, cfg['n_layer'], cfg['n_head'], cfg['d_head'], cfg['d_inner'],
                              cfg['dropout'], cfg['dropatt'], cfg['mem_len'], cfg['clamp_len'],
-                             cfg['same_length'], cfg['pre_norm'], cfg['attn_impl'])
+                             cfg['same_length'], cfg['pre_norm'])
     from nmt import Transformer
     src_v, tgt_v = vocab
-    tgt_io = build_io(cfg, tgt_v, cfg['d_model'])
-    if cfg['share_embed']:
-        if src_v != tgt_v:
-            sys.exit("error: --share-embed needs one vocabulary: add --joint-vocab True")
-        src_io = tgt_io
-    else:
-        src_io = build_io(cfg, src_v, cfg['d_model'])
+    if cfg['share_embed'] and src_v != tgt_v:
+        sys.exit("error: --share-embed needs one vocabulary: add --joint-vocab True")
     if cfg['enc_layers'] != cfg['dec_layers']:
         sys.exit("error: enc_layers and dec_layers must be equal in this implementation")
+    tgt_io = build_io(cfg, tgt_v, cfg['d_model'])
+    src_io = tgt_io if cfg['share_embed'] else build_io(cfg, src_v, cfg['d_model'], output=False)
     return Transformer(src_io, tgt_io, cfg['enc_layers'], cfg['n_head'], cfg['d_ff'],
                        cfg['dropout'], cfg['dropatt'], pre_norm=cfg['pre_norm'],
-                       attn_impl=cfg['attn_impl'])
+                       label_smoothing=cfg['label_smoothing'])
 
 
-def print_params(model, out=print):
+def print_params(model, log=print):
     c = count_params(model)
-    out(f"params define={c['define']} context={c['context']} io={c['io']} total={c['total']}")
-    out(f"  {'DeFINE unit':<14}{c['define'] / 1e6:>9.2f}M\n  {'context':<14}{c['context'] / 1e6:>9.2f}M"
-        f"\n  {'input-output':<14}{c['io'] / 1e6:>9.2f}M\n  {'total':<14}{c['total'] / 1e6:>9.2f}M")
+    log(f"params define={c['define']} context={c['context']} io={c['io']} total={c['total']}")
+    for name, key in [('DeFINE unit', 'define'), ('context', 'context'), ('input-output', 'io'),
+                      ('total', 'total')]:
+        log(f"  {name:<14}{c[key] / 1e6:>9.2f}M")
     return c
 
 
-def make_optimizer(cfg, model, fused):
-    # two groups: the DeFINE units' parameters run at unit_lr x the learning rate (lr_scale;
-    # the training loops set each group's lr to the schedule's value times its scale)
+# ------------------------------------------------------------------------------ optimisation
+
+def make_optimizer(cfg, model, fused=False):
+    # two groups: the DeFINE units' parameters run at unit_lr x the learning rate (lr_scale)
     unit = {id(p) for m in model.modules() if isinstance(m, DeFINE) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if id(p) not in unit], lr_scale=1.0),
@@ -245,7 +241,7 @@ def make_optimizer(cfg, model, fused):
 
 def set_lr(opt, lr):
     for g in opt.param_groups:
-        g['lr'] = lr * g.get('lr_scale', 1.0)
+        g['lr'] = lr * g['lr_scale']
 
 
 def lr_at(cfg, step, epoch):
@@ -257,27 +253,53 @@ def lr_at(cfg, step, epoch):
     if step < warm:
         return lr * (step + 1) / warm
     if cfg['schedule'] == 'cosine':
-        total = cfg['max_iters'] or 1
-        t = min(1.0, (step - warm) / max(1, total - warm))
+        t = min(1.0, (step - warm) / max(1, (cfg['max_iters'] or 1) - warm))
         return cfg['min_lr'] + 0.5 * (lr - cfg['min_lr']) * (1 + math.cos(math.pi * t))
     if cfg['schedule'] == 'step':
         return lr * cfg['lr_decay'] ** sum(epoch >= e for e in cfg['lr_decay_epochs'])
     return lr
 
 
+class Averager:
+    """The averaging of NT-ASGD (Merity et al. 2018): from start() on, the running mean of the
+    weights after every step; evaluate and save with the mean (swap)."""
+
+    def __init__(self, params):
+        self.params, self.avg, self.count = list(params), None, 0
+
+    def start(self):
+        self.avg, self.count = [p.detach().clone() for p in self.params], 1
+
+    def update(self):
+        if self.avg is not None:
+            self.count += 1
+            torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1.0 / self.count)
+
+    def swap(self):   # exchange weights and their average (call twice to undo)
+        for p, a in zip(self.params, self.avg or []):
+            tmp = p.detach().clone()
+            p.data.copy_(a)
+            a.copy_(tmp)
+
+    def state_dict(self):
+        return dict(avg=self.avg, count=self.count)
+
+    def load_state_dict(self, s):
+        self.count = s['count']
+        self.avg = s['avg'] and [a.to(p.device) for a, p in zip(s['avg'], self.params)]
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(path, obj):
     """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = Path(path).with_name(Path(path).name + '.tmp')
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         sys.exit(f"error: checkpoint {path} not found")
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
@@ -300,379 +322,9 @@ def load_model_state(model, ck, cfg):
                  f"(checkpoint, now): {diff or 'none'}\n{str(e)[:600]}")
 
 
-# ------------------------------------------------------------------------------ helpers
-
-def to_device(tree, device):
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_device(t, device) for t in tree)
-    return tree
-
-
-def gather_objects(obj, world):
-    """Every rank's `obj` as a list on every rank (for per-rank state in checkpoints)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def mean_over_ranks(x, world):
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.AVG)
-    return x
-
-
-def reduce_grads(params, world):
-    """Data parallelism without DDP's hooks, which cannot fire inside a CUDA-graph replay:
-    every rank's gradients, averaged in one all-reduce after the backward (a parameter that
-    got no gradient on some rank counts as zeros there). The start must be equal on every
-    rank (broadcast_params)."""
-    params = list(params)
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-def ddp_hooks(cfg, world, trunk_graphs):
-    """Whether several ranks reduce gradients through DDP's hooks during the backward (else
-    reduce_grads after it): translation always; language models unless --ddp-hooks False or
-    the Transformer-XL trunk replays as CUDA graphs, where hooks cannot fire."""
-    return world > 1 and not trunk_graphs and (cfg['ddp_hooks'] or cfg['model'] == 'nmt')
-
-
-def broadcast_params(model):
-    for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, 0)
-
-
-def rank0_first(fn, env):
-    """Rank 0 downloads and tokenizes while the others wait, then they read its cache."""
-    if env['world'] > 1 and not env['master']:
-        dist.barrier()
-    out = fn()
-    if env['world'] > 1 and env['master']:
-        dist.barrier()
-    return out
-
-
-def compiled(fn, model, varying=False):
-    """torch.compile. Where one of `model`'s weights has a side that is not a multiple of 8
-    (the published Transformer-XL is 410 wide: 10 heads of 41, FF 2100; vocabularies rarely
-    are), every matmul operand is padded to one: an unaligned bf16 matmul runs at a third of
-    the aligned rate, and the pad is a cheap copy inside the graph. Where all are aligned,
-    inductor pads only where its timing says so: forced, it pads the token count too, the
-    inner size of every weight gradient (a translation batch of 24,050 target tokens), and
-    copies the 24k x 50k logits' gradient and each layer's activations for it (Transformer
-    base on an H200: 38.8 ms of kernels per step unforced, 45.2 forced)."""
-    import torch._inductor.config
-    options = {'force_shape_pad': unaligned(model)}
-    if varying and hasattr(torch._inductor.config.triton, 'coalesce_tiling_analysis'):
-        # shapes that change every step (translation batches) compile dynamic from the
-        # second step on, and there the coalescing analysis of torch 2.11's GPU code fails
-        # an assertion (tiling_utils.get_pw_red_splits); it is meant for static shapes
-        options['triton.coalesce_tiling_analysis'] = False
-    _one_pass_rows()
-    return torch.compile(fn, options=options)
-
-
-def unaligned(model):
-    """Whether a weight matrix of `model` has a side that is not a multiple of 8."""
-    return any(s % 8 for p in model.parameters() if p.dim() >= 2 for s in p.shape[-2:])
-
-
-def _one_pass_rows():
-    """Inductor keeps a reduction's row in registers (one pass over memory) up to 1024
-    elements only where it sees the row contiguous, else up to 64. The relative attention
-    reads its position term through the shift (pad + reshape), so its softmax over 300 keys
-    read the scores in three passes: 2.8 ms per step of the base model, 1.5 ms in one pass.
-    Set on the class, so that it holds in autograd's thread too (which compiles backwards)."""
-    try:
-        from torch._inductor.choices import InductorChoices
-        from torch._inductor.virtualized import V
-    except ImportError:         # another inductor: its own heuristic, a little slower
-        return
-    base = InductorChoices.should_use_persistent_reduction
-    if getattr(base, 'one_pass_rows', False):
-        return
-
-    def rule(features, cooperative_reduction):
-        return base(features, cooperative_reduction) or (
-            torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
-            and V.graph.sizevars.statically_known_leq(features.reduction_numel, 1024))
-    rule.one_pass_rows = True
-    InductorChoices.should_use_persistent_reduction = staticmethod(rule)
-
-
-def lm_forward(model, x, y, state, **hints):
-    """(loss to minimise, mean NLL, new state) for the LSTM (3 outputs) and TXL (2); hints:
-    what lm_hints returned (Transformer-XL only)."""
-    out = model(x, y, state, **hints)
-    return out if len(out) == 3 else (out[0], out[0], out[1])
-
-
-def lm_hints(model, x_host, y_host, device):
-    """What a Transformer-XL step would otherwise sync the GPU for, taken from host copies of
-    its batch (T, B): the adaptive softmax's cluster sizes (io.loss_counts) and DeFINE's
-    distinct tokens (io.distinct, copied over without waiting). Keys with None are left out."""
-    io = model.io
-    hints = dict(counts=io.loss_counts(y_host), distinct=io.distinct(x_host))
-    if hints['distinct'] is not None:
-        hints['distinct'] = tuple(t.pin_memory().to(device, non_blocking=True)
-                                  if device.type == 'cuda' else t for t in hints['distinct'])
-    return {k: v for k, v in hints.items() if v is not None}
-
-
-class LossOf(nn.Module):
-    """The translation model's loss as a forward, so that DDP and compile can wrap it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, src, tgt, label_smoothing=0.0):
-        return self.model.loss(src, tgt, label_smoothing=label_smoothing)
-
-
-class Averager:
-    """The averaging of NT-ASGD (Merity et al. 2018): from the switch on, keep the running
-    mean of the weights after every step; evaluate and save with the mean."""
-
-    def __init__(self, params):
-        self.params, self.avg, self.count = list(params), None, 0
-
-    def start(self):
-        self.avg, self.count = [p.detach().clone() for p in self.params], 1
-
-    def update(self):
-        if self.avg is not None:
-            self.count += 1
-            torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1.0 / self.count)
-
-    def swap(self):   # exchange weights and their average (call twice to undo)
-        if self.avg is not None:
-            for p, a in zip(self.params, self.avg):
-                tmp = p.detach().clone()
-                p.data.copy_(a)
-                a.copy_(tmp)
-
-    def state_dict(self):
-        return dict(avg=self.avg, count=self.count)
-
-    def load_state_dict(self, s):
-        self.count = s['count']
-        self.avg = None if s['avg'] is None else [a.to(p.device) for a, p in zip(s['avg'], self.params)]
-
-
-def capture_ctx(ctx):
-    """The autocast context `ctx` with its weight-cast cache off, as CUDA graph captures
-    require (any other context as it is)."""
-    if isinstance(ctx, torch.autocast):
-        return torch.autocast(ctx.device, dtype=ctx.fast_dtype, cache_enabled=False)
-    return ctx
-
-
-class GraphedLMStep:
-    """The stateful LM's forward + backward (+ gradient clipping) as CUDA graphs, one per
-    sequence length, captured on first use.
-
-    AWD-LSTM on PTB does 1,400 tokens per step but about 700 small kernels (3 layers x 70
-    time steps, forward and backward, plus the regularisers): launching them from Python
-    takes longer than running them, and a replay launches them all at once. The graphs share
-    one memory pool (about 60 lengths occur; a pool each would reserve ~0.3 GB each), which is
-    safe because they never run concurrently and each graph's outputs stay allocated as long
-    as the graph does. Inputs, the carried state and the gradients live in static buffers: a
-    replay zeroes the gradients and writes them (so the loop must not set them to None), and
-    the caller's state is copied in. Dropout masks are drawn inside the graph from the CUDA
-    generator, which replays advance as eager steps do; the generator state is restored after
-    each capture, so capturing draws nothing. Host syncs cannot be captured: DeFINE runs on
-    every token (no torch.unique; the same outputs and gradients)."""
-
-    def __init__(self, model, ctx, clip):
-        self.model, self.ctx, self.clip = model, capture_ctx(ctx), clip
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.graphs, self.state, self.pool = {}, None, torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream()   # warm-ups and captures on one side stream
-        if getattr(model.io, 'dedup', False):
-            model.io.dedup = False
-
-    @staticmethod
-    def wanted(cfg, device, world, accum=1):
-        """Graphs serve the LSTM on one GPU, one micro-batch per step, not compiled."""
-        return (cfg['cuda_graphs'] and cfg['model'] == 'lstm' and device.type == 'cuda'
-                and world == 1 and accum == 1 and not cfg['compile'])
-
-    def _fwd_bwd(self, x, y, state):
-        torch._foreach_zero_([p.grad for p in self.params])
-        with self.ctx:
-            loss, nll, new = lm_forward(self.model, x, y, state)
-        loss.backward()
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        return nll.detach(), new
-
-    def _capture(self, x, y):
-        rng = torch.cuda.get_rng_state()
-        if self.state is None:      # static state (zeros = a fresh start) and gradients
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            with torch.no_grad(), self.ctx:
-                _, _, new = lm_forward(self.model, x, y, None)
-            self.state = [tuple(torch.zeros_like(s) for s in hc) for hc in new]
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):  # warm-up of this shape (cuDNN plans, autograd)
-            self._fwd_bwd(x, y, self.state)
-        g = torch.cuda.CUDAGraph()
-        sx, sy = x.clone(), y.clone()
-        with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
-            nll, new = self._fwd_bwd(sx, sy, self.state)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        torch.cuda.set_rng_state(rng)
-        return g, sx, sy, nll, new
-
-    def __call__(self, x, y, state):   # -> (nll, new state); gradients in p.grad
-        if x.shape not in self.graphs:
-            self.graphs[x.shape] = self._capture(x, y)
-        g, sx, sy, nll, new = self.graphs[x.shape]
-        sx.copy_(x)
-        sy.copy_(y)
-        for hc, src in zip(self.state, state or [None] * len(self.state)):
-            for s, v in zip(hc, src or [None, None]):
-                s.copy_(v) if v is not None else s.zero_()
-        g.replay()
-        return nll, new
-
-
-class _Flat(nn.Module):   # a trunk for make_graphed_callables: tensors in, tensors out
-    def __init__(self, model, trunk):
-        super().__init__()
-        self.model, self.trunk = model, trunk   # model: its parameters are the graph's inputs
-
-    def forward(self, x, *mems):
-        x, new = self.trunk(x, list(mems))
-        return (x, *new)
-
-
-class GraphedTrunk:
-    """Transformer-XL's forward with its layers (model.trunk) replayed as CUDA graphs: one
-    for their forward, one for their backward (torch.cuda.make_graphed_callables), captured
-    when constructed, for segments shaped like `ids` (T, B) with a full memory (mem_len
-    positions). The embedding and the adaptive softmax run outside the graphs: DeFINE once
-    per distinct token (torch.unique) and the softmax's tail clusters both have shapes that
-    change every step. Same call and result as the model: (ids, targets, mems) -> (loss,
-    new_mems).
-
-    Compiled, the published base step has 36 ms of kernels in 40-54 ms of wall time: the
-    host cannot launch the trunk's ~1,000 kernels per step as fast as the GPU runs them,
-    and a replay launches them at once. The step's host syncs (the softmax's cluster sizes,
-    DeFINE's distinct tokens) are taken before the replay is queued, while the GPU has
-    little left to do, not after it; train.py takes both from its host copy of the tokens
-    (lm_hints) and passes them in, which needs no sync at all. Other shapes (the first segment,
-    with no memory yet; a short last segment) and evaluation run the plain model. new_mems
-    are the graph's output buffers, detached: the next call copies them into its inputs
-    before the replay overwrites them. Dropout masks come from the CUDA generator, which
-    every replay advances; the capture draws nothing (the generator is restored after it).
-
-    Capture before the first training step: while an earlier step's autograd graph is alive
-    (its loss still referenced), the parameters' gradient accumulators belong to the default
-    stream, and capturing the backward fails (cudaErrorStreamCaptureImplicit)."""
-
-    def __init__(self, model, ctx, compile_it, ids):
-        self.model, self.ctx = model, ctx
-        # compiled, the shapes that change (tail clusters, distinct tokens) turn dynamic after
-        # one recompile; the rest stay static, so that unaligned matmuls get padded (compiled)
-        self.embed = compiled(model.embed, model) if compile_it else model.embed
-        self.loss_fn = compiled(model.io.loss, model) if compile_it else model.io.loss
-        rng, was = torch.cuda.get_rng_state(), model.training
-        model.eval()                                # a full memory to capture with
-        mems = None
-        with torch.no_grad(), ctx:
-            x = model.embed(ids)
-            while mems is None or mems[0].size(0) < model.mem_len:
-                mems = model.trunk(x, mems)[1]
-        model.train(was)
-        trunk = compiled(model.trunk, model) if compile_it else model.trunk
-        with capture_ctx(ctx):
-            self.graphed = torch.cuda.make_graphed_callables(
-                _Flat(model, trunk), (x.clone().requires_grad_(), *mems), allow_unused_input=True)
-        self.shapes = (ids.shape, *(m.shape for m in mems))
-        torch.cuda.set_rng_state(rng)
-
-    @staticmethod
-    def wanted(cfg, device, world, accum=1):
-        """The Transformer-XL with a memory on GPUs, one micro-batch per step (under DDP the
-        gradients are averaged after the backward: reduce_grads)."""
-        return (cfg['cuda_graphs'] and cfg['model'] == 'txl' and cfg['mem_len'] > 0
-                and device.type == 'cuda' and accum == 1)
-
-    def __call__(self, ids, targets, mems=None, counts=None, distinct=None):
-        """counts, distinct: lm_hints from a host copy of the batch, so that the GPU never
-        waits for the host (else taken here, with a sync)."""
-        shapes = (ids.shape, *(m.shape for m in mems or []))
-        if not (self.model.training and shapes == self.shapes):   # eager: rare, not worth
-            return self.model(ids, targets, mems, counts, distinct)   # a compile
-        if counts is None:
-            counts = self.model.io.loss_counts(targets)  # host syncs first (see above)
-        if distinct is None:
-            distinct = self.model.io.distinct(ids)
-        with self.ctx:
-            x = self.embed(ids, distinct)              # (B, T, d)
-        out = self.graphed(x, *mems)
-        with self.ctx:
-            loss = self.loss_fn(out[0], targets.t(), counts=counts)
-        return loss, [m.detach() for m in out[1:]]
-
-
-# ------------------------------------------------------------------------------ LM loops
-
-@torch.no_grad()
-def evaluate_lm(model, data, seq_len, ctx, max_tokens=None):
-    """Mean NLL over a (T, B) token grid, state carried across chunks."""
-    import data as D
-    was_training = model.training
-    model.eval()
-    total, count, state = 0.0, 0, None
-    for i in range(0, data.size(0) - 1, seq_len):
-        x, y = D.lm_batch(data, i, seq_len)
-        with ctx:
-            _, nll, state = lm_forward(model, x, y, state)
-        total += nll.float() * y.numel()
-        count += y.numel()
-        if max_tokens and count >= max_tokens:
-            break
-    model.train(was_training)
-    return (total / max(count, 1)).item()
-
-
-class eval_lengths:
-    """Transformer-XL's evaluation context (tgt_len, mem_len, clamp_len, same_length)."""
-
-    def __init__(self, model, cfg):
-        self.model, self.cfg, self.saved = model, cfg, None
-
-    def __enter__(self):
-        m, c = self.model, self.cfg
-        if hasattr(m, 'mem_len'):
-            self.saved = (m.mem_len, m.clamp_len, m.same_length)
-            for attr in ('mem_len', 'clamp_len', 'same_length'):
-                if c['eval_' + attr] is not None:
-                    setattr(m, attr, c['eval_' + attr])
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved:
-            self.model.mem_len, self.model.clamp_len, self.model.same_length = self.saved
-
-
-def resume_state(cfg, env, model, opt, extra):
-    """Load a checkpoint into model/optimizer; returns it (train state, per-rank state)."""
+def resume(cfg, env, model, opt, avg, batches, st, accum):
+    """Load --resume's checkpoint into the model, optimizer, averager, batches and training
+    state, and this rank's random state; -> its carried states, or None (start afresh)."""
     ck = load_checkpoint(cfg['resume'])
     load_model_state(model, ck, cfg)
     try:
@@ -681,193 +333,297 @@ def resume_state(cfg, env, model, opt, extra):
         sys.exit(f"error: the optimizer state in {cfg['resume']} does not fit this model's "
                  f"({e}); it was written by an older train.py. Evaluate it with --eval-only "
                  f"True, or start the run afresh")
-    for name, obj in extra.items():
-        obj.load_state_dict(ck[name])
-    per_rank = ck['per_rank']
-    mine = per_rank[env['rank']] if len(per_rank) == env['world'] else None
-    if mine is None:
-        env['log'](f"note: checkpoint written by {len(per_rank)} ranks, now {env['world']}: "
-                   f"random and carried state start afresh")
-    else:
-        torch.set_rng_state(mine['rng_cpu'])
-        if env['device'].type == 'cuda' and mine.get('rng_cuda') is not None:
-            torch.cuda.set_rng_state(mine['rng_cuda'])
-    env['log'](f"resumed from {cfg['resume']} at step {ck['train']['step']}")
-    return ck['train'], mine
+    avg.load_state_dict(ck['averager'])
+    batches.load_state_dict(ck['batches'])
+    st.update(ck['train'])
+    env.log(f"resumed from {cfg['resume']} at step {st['step']}")
+    if len(ck['per_rank']) != env.world:
+        env.log(f"note: checkpoint written by {len(ck['per_rank'])} ranks, now {env.world}: "
+                f"random and carried state start afresh")
+        return None
+    mine = ck['per_rank'][env.rank]
+    torch.set_rng_state(mine['rng_cpu'])
+    if mine['rng_cuda'] is not None and env.device.type == 'cuda':
+        torch.cuda.set_rng_state(mine['rng_cuda'])
+    return to(mine['states'], env.device) if len(mine['states']) == accum else None
 
 
-def write_checkpoint(cfg, env, model, opt, train_state, per_rank, name='ckpt.pt', **extra):
-    """Every rank's RNG (and carried state) is gathered; rank 0 writes."""
-    per_rank = gather_objects(dict(
-        rng_cpu=torch.get_rng_state(),
-        rng_cuda=torch.cuda.get_rng_state() if env['device'].type == 'cuda' else None,
-        **per_rank), env['world'])
-    if env['master'] and cfg['save']:
-        Path(cfg['out_dir']).mkdir(parents=True, exist_ok=True)
-        save_checkpoint(Path(cfg['out_dir']) / name, dict(
-            model=model.state_dict(), optimizer=opt.state_dict(), train=dict(train_state),
-            per_rank=per_rank, config=cfg, **extra))
+def to(tree, device):   # a carried state: None, or tensors in nested lists and tuples
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to(t, device) for t in tree)
+    return None if tree is None else tree.to(device)
 
 
-def train_lm(cfg, env):
-    import data as D
-    rank, world, device, log = env['rank'], env['world'], env['device'], env['log']
-    corpus = rank0_first(lambda: D.lm_corpus(cfg['dataset'], data_dir=cfg['data_dir'],
-                                             cache_dir=cfg['cache_dir']), env)
-    V = len(corpus.vocab)
-    if cfg['vocab_size'] and cfg['vocab_size'] != V:
-        log(f"note: the preset's vocab_size {cfg['vocab_size']} != the corpus's {V}; using {V}")
-    cfg['vocab_size'] = V
+# ------------------------------------------------------------------------------ data and evaluation
+
+def load_data(cfg, env, accum=1):
+    """-> the corpus, its vocabulary size (translation: source and target), the training
+    steps (data.LMBatches or TranslationBatches), and eval(split) -> batches (x, y,
+    n_targets) of 'valid' or 'test'."""
+    if cfg['model'] == 'nmt':
+        corpus = D.parallel_corpus(cfg['dataset'], cfg['src_lang'], cfg['tgt_lang'],
+                                   joint_vocab=cfg['joint_vocab'] or cfg['share_embed'],
+                                   max_vocab=cfg['max_vocab'], variant=cfg['corpus_variant'],
+                                   data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
+        batches = D.TranslationBatches(corpus.splits['train'], cfg['max_tokens'], accum,
+                                       cfg['seed'], env.rank, env.world)
+        return corpus, (len(corpus.src_vocab), len(corpus.tgt_vocab)), batches, \
+            lambda split: D.translation_eval_batches(corpus.head(split, cfg['eval_max_tokens'])[0],
+                                                     cfg['max_tokens'])
+    corpus = D.lm_corpus(cfg['dataset'], data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
+    train = D.batchify(corpus.train, cfg['batch_size'], env.rank, env.world)    # (T, B/ranks)
+    batches = D.LMBatches(train, cfg['bptt'], accum, cfg['variable_bptt'], cfg['seed'])
+    size = dict(valid=cfg['eval_batch_size'], test=cfg['test_batch_size'])
+    return corpus, len(corpus.vocab), batches, lambda split: D.lm_eval_batches(
+        getattr(corpus, split), size[split], cfg['eval_tgt_len'] or cfg['bptt'])
+
+
+@torch.no_grad()
+def evaluate(model, batches, env, max_tokens=None):
+    """Mean loss per target (in eval mode: the NLL) over (x, y, n_targets) batches, the state
+    carried from one batch to the next; stops once max_tokens targets are scored."""
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    for x, y, n in batches:
+        with env.ctx:
+            loss, state = model(x.to(env.device), y.to(env.device), state)
+        total, count = total + loss.float() * n, count + n
+        if max_tokens and count >= max_tokens:
+            break
+    model.train(was_training)
+    return (total / max(count, 1)).item()
+
+
+@contextmanager
+def eval_lengths(model, cfg):
+    """Transformer-XL's evaluation memory (mem_len, clamp_len, same_length), then back."""
+    saved = {k: getattr(model, k) for k in ('mem_len', 'clamp_len', 'same_length') if hasattr(model, k)}
+    for k, v in saved.items():
+        setattr(model, k, v if cfg['eval_' + k] is None else cfg['eval_' + k])
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(model, k, v)
+
+
+def final_eval(cfg, env, model, corpus, eval_batches, step):
+    """Validation and test perplexity (translation: and the BLEU of beam search), logged."""
+    res, t0, nmt = {}, time.time(), cfg['model'] == 'nmt'
+    with eval_lengths(model, cfg):
+        for split in ('valid', 'test'):
+            loss = evaluate(model, eval_batches(split), env, None if nmt else cfg['eval_max_tokens'])
+            res[f'{split}_ppl'] = math.exp(loss)
+            if nmt:
+                res[f'{split}_bleu'] = bleu(cfg, env, model, corpus, split)
+    env.log('final | ' + ' | '.join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in res.items())
+            + f' | {time.time() - t0:.1f} s')
+    env.metrics(step=step, final=True, **res)
+    return res
+
+
+def bleu(cfg, env, model, corpus, split):
+    import nmt
+    (src, _), refs = corpus.head(split, cfg['eval_max_tokens'])
+    model.eval()
+    with env.ctx:
+        hyps = model.translate(src, cfg['beam'], cfg['lenpen'], cfg['max_len_b'])
+    score, sig = nmt.bleu([D.detokenize(h, corpus.tgt_vocab) for h in hyps], refs,
+                          tokenize=cfg['bleu_tokenize'])
+    env.log(f"BLEU {split} {score:.2f} on {len(refs)} sentences (sacreBLEU {sig}; against the "
+            f"{cfg['corpus_variant']} reference files as written)")
+    return score
+
+
+# ------------------------------------------------------------------------------ training
+
+def setup(cfg):
+    """Devices, DDP (started by torchrun: RANK and WORLD_SIZE set), autocast, log, metrics."""
+    want = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    if want == 'cuda' and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no GPU is visible; use --device cpu")
+    rank, world, local_rank = 0, 1, 0
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        dist.init_process_group('nccl' if want == 'cuda' else 'gloo')
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ['LOCAL_RANK'])
+    device = torch.device(f'cuda:{local_rank}' if want == 'cuda' else 'cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    bf16 = device.type == 'cuda' and cfg['dtype'] == 'bfloat16'
+    out, master = Path(cfg['out_dir']), rank == 0
+
+    def log(msg):
+        if master:
+            print(msg, flush=True)
+
+    def metrics(**row):   # one JSON line per log and evaluation, for plots and tables
+        if master:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / 'metrics.jsonl', 'a') as f:
+                f.write(json.dumps(dict(time=round(time.time(), 3), **row)) + '\n')
+
+    return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device,
+                           master=master, log=log, metrics=metrics,
+                           ctx=torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext())
+
+
+def accumulation(cfg, world):
+    """Micro-batches per rank per optimizer step: the batch is stated globally (llm.c-style)."""
+    nmt = cfg['model'] == 'nmt'
+    total = (cfg['batch_tokens'] or cfg['max_tokens'] * world) if nmt else cfg['batch_size']
+    micro = cfg['max_tokens'] if nmt else cfg['micro_batch'] or cfg['batch_size'] // world
+    accum, unit = total // max(micro * world, 1), 'tokens' if nmt else f"streams of {cfg['bptt']}"
+    if micro < 1 or accum < 1 or accum * micro * world != total:
+        sys.exit(f"error: a batch of {total} {unit} must be {micro} per micro-batch x {world} "
+                 f"ranks x a whole number of accumulation steps")
+    return accum, f"{total} {unit} per step = {world} ranks x {accum} micro-batches x {micro}"
+
+
+def train(cfg, env):
+    # ---- data, model, optimizer; rank 0 downloads and tokenizes while the others wait
+    accum, batch_note = accumulation(cfg, env.world)
+    if env.world > 1 and not env.master:
+        dist.barrier()
+    corpus, vocab, batches, eval_batches = load_data(cfg, env, accum)
+    if env.world > 1 and env.master:
+        dist.barrier()
+    if cfg['vocab_size'] not in (None, vocab) and cfg['model'] != 'nmt':
+        env.log(f"note: the preset's vocab_size {cfg['vocab_size']} != the corpus's {vocab}; using {vocab}")
+    cfg['vocab_size'] = vocab
     torch.manual_seed(cfg['seed'])              # the same initial weights on every rank
-    model = build_model(cfg, V).to(device)
-    print_params(model, log)
-    micro = cfg['micro_batch'] or cfg['batch_size'] // world
-    accum = cfg['batch_size'] // (micro * world)
-    if micro < 1 or accum * micro * world != cfg['batch_size']:
-        sys.exit(f"error: batch_size {cfg['batch_size']} must be micro_batch ({micro}) x ranks "
-                 f"({world}) x a whole number of accumulation steps")
-    log(f"batch: {cfg['batch_size']} streams x {cfg['bptt']} tokens = "
-        f"{cfg['batch_size'] * cfg['bptt']} tokens/step = {world} ranks x {accum} "
-        f"accumulation steps x {micro} streams")
-    train = D.batchify(corpus.train, cfg['batch_size'], rank, world)   # (T, B/ranks)
-    trunk_graphs = GraphedTrunk.wanted(cfg, device, world, accum)
-    train_host, train = (train if trunk_graphs else None), train.to(device)
-    val = D.batchify(corpus.valid, cfg['eval_batch_size']).to(device)
-    opt = make_optimizer(cfg, model, fused=device.type == 'cuda')
+    model = build_model(cfg, vocab).to(env.device)
+    print_params(model, env.log)
+    env.log(f"batch: {batch_note}")
+    opt = make_optimizer(cfg, model, fused=env.device.type == 'cuda')
     avg = Averager(model.parameters())
-    rng = np.random.default_rng(cfg['seed'])    # sequence lengths: the same on every rank
-    st = dict(step=0, epoch=0, pos=0, best_val=float('inf'), val_history=[])
+    st = dict(step=0, tokens=0, best_val=float('inf'), val_history=[])
     states = [None] * accum                     # carried (detached) state per micro-batch
-    torch.manual_seed(cfg['seed'] + rank)       # dropout masks differ between ranks
+    torch.manual_seed(cfg['seed'] + env.rank)   # dropout masks differ between ranks
     if cfg['resume']:
-        loaded, mine = resume_state(cfg, env, model, opt, dict(averager=avg))
-        st.update(loaded)
-        rng.bit_generator.state = st.pop('rng_bptt')
-        if mine is not None and len(mine['states']) == accum:
-            states = to_device(mine['states'], device)
-    hooks = ddp_hooks(cfg, world, trunk_graphs)  # else reduce_grads
-    ddp = model if not hooks else DDP(
-        model, device_ids=[env['local_rank']] if device.type == 'cuda' else None)
-    if world > 1 and not hooks:
-        broadcast_params(model)
-    graphed = None
-    if GraphedLMStep.wanted(cfg, device, world, accum):
-        graphed = GraphedLMStep(model, env['ctx'], cfg['grad_clip'])
-        log("CUDA graphs: each training step replays a graph captured per sequence length")
-    if trunk_graphs:                            # compiles the trunk itself
-        fwd = GraphedTrunk(model, env['ctx'], cfg['compile'], train[:cfg['bptt']])
-        log("CUDA graphs: each full-memory segment replays the trunk's forward and backward")
-    else:
-        fwd = compiled(ddp, model) if cfg['compile'] else ddp
-    eval_len = cfg['eval_tgt_len'] or cfg['bptt']
+        states = resume(cfg, env, model, opt, avg, batches, st, accum) or states
+    ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == 'cuda' else None) \
+        if env.world > 1 else model
+    fwd, graphed = ddp, None
+    if cfg['compile'] or (cfg['cuda_graphs'] and env.device.type == 'cuda'):
+        import fast                             # the optional speed machinery
+        if cfg['compile']:
+            fwd = fast.compiled(ddp, model, shapes_vary=cfg['model'] == 'nmt')
+        if cfg['cuda_graphs']:
+            graphed = fast.graphed_step(model, env, accum, cfg['compile'],
+                                        (cfg['bptt'], cfg['batch_size'] // env.world // accum))
+            if graphed is not None:
+                env.log(f"CUDA graphs: {type(graphed).__name__} (fast.py)")
+
+    def step(x, y, state):
+        """Forward and backward of one micro-batch (x, y on the host) -> (loss, the state to
+        carry on); fast.graphed_step does the same by replaying CUDA graphs."""
+        if graphed is not None:
+            return graphed(x, y, state)
+        with env.ctx:
+            loss, state = fwd(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True),
+                              state)
+        (loss / accum).backward()
+        return loss.detach(), state
 
     def save(name='ckpt.pt'):
-        write_checkpoint(cfg, env, model, opt, dict(st, rng_bptt=rng.bit_generator.state),
-                         dict(states=to_device(states, 'cpu')), name, averager=avg.state_dict())
+        """Every rank's random and carried state is gathered; rank 0 writes."""
+        mine = dict(rng_cpu=torch.get_rng_state(), states=[to(s, 'cpu') for s in states],
+                    rng_cuda=torch.cuda.get_rng_state() if env.device.type == 'cuda' else None)
+        per_rank = [mine] * env.world
+        if env.world > 1:
+            dist.all_gather_object(per_rank, mine)
+        if env.master and cfg['save']:
+            extra = {} if cfg['model'] != 'nmt' else dict(vocab=dict(src=corpus.src_vocab,
+                                                                    tgt=corpus.tgt_vocab))
+            save_checkpoint(Path(cfg['out_dir']) / name, dict(
+                model=model.state_dict(), optimizer=opt.state_dict(), averager=avg.state_dict(),
+                batches=batches.state_dict(), train=st, per_rank=per_rank, config=cfg, **extra))
 
     def evaluate_and_save():
         avg.swap()                              # NT-ASGD evaluates the averaged weights
         with eval_lengths(model, cfg):
-            v = evaluate_lm(model, val, eval_len, env['ctx'], cfg['eval_max_tokens'])
+            v = evaluate(model, eval_batches('valid'), env,
+                         None if cfg['model'] == 'nmt' else cfg['eval_max_tokens'])
         best = v < st['best_val']
-        if best and env['master'] and cfg['save']:
+        if best and env.master and cfg['save']:
             save_checkpoint(Path(cfg['out_dir']) / 'best.pt', model.state_dict())
         avg.swap()
-        check_finite(v, st['step'], log)
-        log(f"eval | step {st['step']} | epoch {st['epoch']} | valid loss {v:.3f} | "
-            f"ppl {math.exp(v):.2f}{' (best)' if best else ''}"
-            f"{' | averaged weights' if avg.avg is not None else ''}")
-        env['metrics'](step=st['step'], epoch=st['epoch'], val_ppl=math.exp(v))
+        check_finite(v, st['step'], env.log)
+        env.log(f"eval | step {st['step']} | epoch {batches.epoch} | valid loss {v:.3f} | "
+                f"ppl {math.exp(v):.2f}{' (best)' if best else ''}"
+                f"{' | averaged weights' if avg.avg is not None else ''}")
+        env.metrics(step=st['step'], epoch=batches.epoch, val_ppl=math.exp(v))
         hist, nm = st['val_history'], cfg['nonmono']
         # NT-ASGD: start averaging once validation is worse than the best of all but the
         # last `nonmono` evaluations (the non-monotone trigger of Merity et al.)
         if cfg['asgd'] and avg.avg is None and len(hist) > nm and v > min(hist[:-nm]):
-            log(f"NT-ASGD: validation stalled for {nm} evaluations; averaging weights from now on")
+            env.log(f"NT-ASGD: validation stalled for {nm} evaluations; averaging weights from now on")
             avg.start()
         hist.append(v)
         st['best_val'] = min(st['best_val'], v)
+        if cfg['avg_last']:                     # numbered copies to average at the end
+            save(f"ckpt{st['step']}.pt")
         save()
 
+    # ---- the loop: every model, `accum` micro-batches per optimizer step
     model.train()
-    rows, t0, tokens, loss_acc, n_acc = train.size(0), time.time(), 0, torch.zeros((), device=device), 0
-    t_epoch = t0
+    t0 = t_epoch = time.time()
+    loss_sum, n_steps, tokens = torch.zeros((), device=env.device), 0, 0
     while not ((cfg['max_iters'] is not None and st['step'] >= cfg['max_iters']) or
-               (cfg['max_epochs'] is not None and st['epoch'] >= cfg['max_epochs'])):
-        if st['pos'] >= rows - 2:               # end of an epoch: state starts afresh
-            st['epoch'], st['pos'], states = st['epoch'] + 1, 0, [None] * accum
-            log(f"epoch {st['epoch']} done in {time.time() - t_epoch:.1f} s" + (
-                f" ({len(graphed.graphs)} CUDA graphs, {torch.cuda.memory_reserved() / 2**30:.1f} "
-                f"GiB reserved)" if graphed else ""))
+               (cfg['max_epochs'] is not None and batches.epoch >= cfg['max_epochs'])):
+        batch = batches.next()
+        if batch is None:                       # the end of an epoch
+            states = [None] * accum             # the carried state starts afresh
+            env.log(f"epoch {batches.epoch} done in {time.time() - t_epoch:.1f} s")
             t_epoch = time.time()
             if not cfg['eval_interval']:
                 evaluate_and_save()
             continue
-        seq_len = D.variable_bptt(rng, cfg['bptt']) if cfg['variable_bptt'] else cfg['bptt']
-        lr = lr_at(cfg, st['step'], st['epoch'])
-        if cfg['variable_bptt']:                # AWD-LSTM: shorter sequences, smaller steps
-            lr *= seq_len / cfg['bptt']
+        lr = lr_at(cfg, st['step'], batches.epoch) * batch.lr_scale
         set_lr(opt, lr)
-        x, y = D.lm_batch(train, st['pos'], seq_len)                       # (T, B/ranks)
-        hints = {}                              # the step's syncs, taken on the host copy
-        if trunk_graphs:
-            hints = lm_hints(model, *D.lm_batch(train_host, st['pos'], seq_len), device)
-        if graphed is not None:                 # the same step, replayed (clipping included)
-            nll, states[0] = graphed(x, y, states[0])
-            loss_acc += nll.float()
-            opt.step()                          # the replay overwrites the gradients
-        else:
-            for j in range(accum):
-                cols = slice(j * micro, (j + 1) * micro)
-                sync = not hooks or j == accum - 1      # decided before the forward (DDP)
-                with (nullcontext() if sync else ddp.no_sync()), env['ctx']:
-                    loss, nll, states[j] = lm_forward(fwd, x[:, cols], y[:, cols], states[j],
-                                                      **hints)
-                (loss / accum).backward()
-                loss_acc += nll.detach().float() / accum
-            if world > 1 and not hooks:
-                reduce_grads(model.parameters(), world)
-            if cfg['grad_clip']:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        for j, (x, y) in enumerate(batch.micro):
+            # DDP averages the gradients in the last micro-batch's backward only
+            with ddp.no_sync() if env.world > 1 and j < accum - 1 else nullcontext():
+                loss, states[j] = step(x, y, states[j])
+            loss_sum += loss.float() / accum
+        if cfg['grad_clip']:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         avg.update()
-        st['step'], st['pos'], n_acc = st['step'] + 1, st['pos'] + seq_len, n_acc + 1
-        tokens += y.numel() * world
+        st['step'], st['tokens'] = st['step'] + 1, st['tokens'] + batch.tokens * env.world
+        n_steps, tokens = n_steps + 1, tokens + batch.tokens * env.world
         # a line every log_interval steps, and at least once a minute on slow machines
         if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1 or time.time() - t0 > 60:
-            loss_val = mean_over_ranks(loss_acc / n_acc, world).item()
-            check_finite(loss_val, st['step'], log)
-            dt = time.time() - t0
-            log(f"step {st['step']:>7} | epoch {st['epoch'] + 1} {st['pos'] / rows:4.0%} | "
-                f"loss {loss_val:.3f} | ppl {math.exp(min(loss_val, 50)):9.2f} | lr {lr:.3g} | "
-                f"{1000 * dt / n_acc:6.1f} ms/step | {tokens / dt:8.0f} tok/s")
-            env['metrics'](step=st['step'], tokens=st['step'] * cfg['batch_size'] * cfg['bptt'],
-                           train_loss=loss_val, lr=lr, tok_s=tokens / dt)
-            t0, tokens, loss_acc, n_acc = time.time(), 0, torch.zeros((), device=device), 0
+            if env.world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            train_loss, dt = loss_sum.item() / n_steps, time.time() - t0
+            check_finite(train_loss, st['step'], env.log)
+            env.log(f"step {st['step']:>7} | epoch {batches.epoch + 1} {batches.progress:4.0%} | "
+                    f"loss {train_loss:.3f} | lr {lr:.3g} | {1000 * dt / n_steps:6.1f} ms/step | "
+                    f"{tokens / dt:8.0f} tok/s")
+            env.metrics(step=st['step'], tokens=st['tokens'], train_loss=train_loss, lr=lr,
+                        tok_s=tokens / dt)
+            t0, n_steps, tokens = time.time(), 0, 0
+            loss_sum.zero_()
         if cfg['eval_interval'] and st['step'] % cfg['eval_interval'] == 0:
             evaluate_and_save()
     save()
-    best = Path(cfg['out_dir']) / 'best.pt'
-    if cfg['save'] and best.exists():           # test the best validated weights
-        model.load_state_dict(torch.load(best, map_location=device, weights_only=True))
+
+    # ---- the final evaluation: of averaged checkpoints, else of the best validated weights
+    out = Path(cfg['out_dir'])
+    if cfg['avg_last'] and cfg['save']:
+        import nmt
+        paths = sorted(out.glob('ckpt[0-9]*.pt'), key=lambda p: int(p.stem[4:]))[-cfg['avg_last']:]
+        model.load_state_dict(nmt.average_checkpoints(paths))
+        env.log(f"averaged {len(paths)} checkpoints: {[p.name for p in paths]}")
+    elif cfg['save'] and (out / 'best.pt').exists():
+        model.load_state_dict(torch.load(out / 'best.pt', map_location=env.device, weights_only=True))
     else:
         avg.swap()
-    return final_lm_eval(cfg, env, model, corpus, st['step'])
-
-
-def final_lm_eval(cfg, env, model, corpus, step):
-    import data as D
-    dev, eval_len = env['device'], cfg['eval_tgt_len'] or cfg['bptt']
-    val = D.batchify(corpus.valid, cfg['eval_batch_size']).to(dev)
-    test = D.batchify(corpus.test, cfg['test_batch_size']).to(dev)
-    t0 = time.time()
-    with eval_lengths(model, cfg):
-        v = evaluate_lm(model, val, eval_len, env['ctx'], cfg['eval_max_tokens'])
-        t = evaluate_lm(model, test, eval_len, env['ctx'], cfg['eval_max_tokens'])
-    env['log'](f"final | valid ppl {math.exp(v):.2f} | test ppl {math.exp(t):.2f} | "
-               f"{time.time() - t0:.1f} s")
-    env['metrics'](step=step, val_ppl=math.exp(v), test_ppl=math.exp(t), final=True)
-    return dict(valid_ppl=math.exp(v), test_ppl=math.exp(t))
+    return final_eval(cfg, env, model, corpus, eval_batches, st['step'])
 
 
 def check_finite(loss, step, log):
@@ -877,248 +633,7 @@ def check_finite(loss, step, log):
         raise SystemExit(2)
 
 
-# ------------------------------------------------------------------------------ translation
-
-def nmt_corpus(cfg):
-    import data as D
-    return D.parallel_corpus(cfg['dataset'], cfg['src_lang'], cfg['tgt_lang'],
-                             joint_vocab=cfg['joint_vocab'] or cfg['share_embed'],
-                             max_vocab=cfg['max_vocab'], variant=cfg['corpus_variant'],
-                             data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
-
-
-def translate_ids(model, sents, cfg, device, bs=64):
-    """Beam search over lists of source ids (no specials), batched by length."""
-    order = sorted(range(len(sents)), key=lambda i: len(sents[i]))
-    out = [None] * len(sents)
-    for s in range(0, len(order), bs):
-        idx = order[s:s + bs]
-        L = max(len(sents[i]) for i in idx) + 1
-        src = torch.full((len(idx), L), model.pad, dtype=torch.long)
-        for r, i in enumerate(idx):
-            src[r, :len(sents[i]) + 1] = torch.tensor(list(sents[i]) + [model.eos])
-        hyps = model.beam_search(src.to(device), beam=cfg['beam'], lenpen=cfg['lenpen'],
-                                 max_len_b=cfg['max_len_b'])
-        for r, i in enumerate(idx):
-            out[i] = hyps[r]
-    return out
-
-
-@torch.no_grad()
-def evaluate_nmt(cfg, env, model, corpus, split, bleu=False):
-    """(mean token NLL without smoothing, BLEU or None) on a split."""
-    import data as D
-    import nmt
-    was_training = model.training
-    model.eval()
-    src, tgt = corpus.splits[split]
-    refs = corpus.text(split)
-    if cfg['eval_max_tokens']:      # a quick look: the first sentences up to the cap
-        n = int(np.searchsorted(np.cumsum([len(t) for t in tgt]), cfg['eval_max_tokens'])) + 1
-        src, tgt, refs = src[:n], tgt[:n], refs[:n]
-    total, count = 0.0, 0
-    lens = [len(s) for s in src], [len(t) for t in tgt]
-    for b in D.token_batches(*lens, cfg['max_tokens'], shuffle=False):
-        s, t = D.collate((src, tgt), b)
-        with env['ctx']:
-            loss_sum, n = model.loss(s.to(env['device']), t.to(env['device']), label_smoothing=0.0)
-        total, count = total + loss_sum.float(), count + n
-    nll = (total / count).item()
-    score = None
-    if bleu:
-        with env['ctx']:
-            hyps = translate_ids(model, src, cfg, env['device'])
-        hyp_txt = [D.detokenize(h, corpus.tgt_vocab) for h in hyps]
-        score, sig = nmt.bleu(hyp_txt, refs, tokenize=cfg['bleu_tokenize'])
-        env['log'](f"BLEU {split} {score:.2f} on {len(refs)} sentences (sacreBLEU {sig}; against "
-                   f"the {cfg['corpus_variant']} reference files as written)")
-    model.train(was_training)
-    return nll, score
-
-
-def train_nmt(cfg, env):
-    import data as D
-    rank, world, device, log = env['rank'], env['world'], env['device'], env['log']
-    corpus = rank0_first(lambda: nmt_corpus(cfg), env)
-    sizes = len(corpus.src_vocab), len(corpus.tgt_vocab)
-    cfg['vocab_size'] = list(sizes)
-    torch.manual_seed(cfg['seed'])
-    model = build_model(cfg, sizes).to(device)
-    print_params(model, log)
-    batch_tokens = cfg['batch_tokens'] or cfg['max_tokens'] * world
-    accum = batch_tokens // (cfg['max_tokens'] * world)
-    if accum < 1 or accum * cfg['max_tokens'] * world != batch_tokens:
-        sys.exit(f"error: batch_tokens {batch_tokens} must be max_tokens ({cfg['max_tokens']}) x "
-                 f"ranks ({world}) x a whole number of accumulation steps")
-    log(f"batch: up to {batch_tokens} tokens/step = {world} ranks x {accum} accumulation steps "
-        f"x {cfg['max_tokens']} tokens")
-    train = corpus.splits['train']
-    lens = corpus.lengths('train')
-    opt = make_optimizer(cfg, model, fused=device.type == 'cuda')
-    st = dict(step=0, epoch=0, batch=0, best_val=float('inf'))
-    torch.manual_seed(cfg['seed'] + rank)
-    if cfg['resume']:
-        st.update(resume_state(cfg, env, model, opt, {})[0])
-    wrapped = LossOf(model)     # DDP all-reduces only what runs inside its forward
-    ddp = DDP(wrapped, device_ids=[env['local_rank']] if device.type == 'cuda' else None) if world > 1 else wrapped
-    loss_fn = compiled(ddp, model, varying=True) if cfg['compile'] else ddp
-    vocab = dict(src=corpus.src_vocab, tgt=corpus.tgt_vocab)
-
-    def save(name='ckpt.pt'):
-        write_checkpoint(cfg, env, model, opt, st, {}, name, vocab=vocab)
-
-    def evaluate_and_save():
-        v, _ = evaluate_nmt(cfg, env, model, corpus, 'valid')
-        check_finite(v, st['step'], log)
-        best = v < st['best_val']
-        log(f"eval | step {st['step']} | epoch {st['epoch']} | valid loss {v:.3f} | ppl "
-            f"{math.exp(v):.2f}{' (best)' if best else ''}")
-        env['metrics'](step=st['step'], epoch=st['epoch'], val_ppl=math.exp(v))
-        if best:
-            st['best_val'] = v
-            if env['master'] and cfg['save']:
-                save_checkpoint(Path(cfg['out_dir']) / 'best.pt', model.state_dict())
-        if cfg['avg_last']:                     # numbered copies to average at the end
-            save(f"ckpt{st['step']}.pt")
-        save()
-
-    model.train()
-    t0, tokens, loss_acc, n_acc = time.time(), torch.zeros((), device=device), torch.zeros((), device=device), 0
-    batches = D.token_batches(*lens, cfg['max_tokens'], seed=cfg['seed'], epoch=st['epoch'], rank=rank, world_size=world)
-    while not ((cfg['max_iters'] is not None and st['step'] >= cfg['max_iters']) or
-               (cfg['max_epochs'] is not None and st['epoch'] >= cfg['max_epochs'])):
-        if st['batch'] + accum > len(batches):      # end of an epoch
-            st['epoch'], st['batch'] = st['epoch'] + 1, 0
-            batches = D.token_batches(*lens, cfg['max_tokens'], seed=cfg['seed'],
-                                      epoch=st['epoch'], rank=rank, world_size=world)
-            if not cfg['eval_interval']:
-                evaluate_and_save()
-            continue
-        lr = lr_at(cfg, st['step'], st['epoch'])
-        set_lr(opt, lr)
-        for j in range(accum):
-            s, t = D.collate(train, batches[st['batch'] + j])
-            s, t = s.to(device, non_blocking=True), t.to(device, non_blocking=True)
-            sync = world == 1 or j == accum - 1
-            with (nullcontext() if sync else ddp.no_sync()), env['ctx']:
-                loss_sum, n = loss_fn(s, t, label_smoothing=cfg['label_smoothing'])
-            (loss_sum / n / accum).backward()
-            loss_acc += loss_sum.detach().float() / n / accum
-            tokens += n + (s != model.pad).sum()
-        if cfg['grad_clip']:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        st['step'], st['batch'], n_acc = st['step'] + 1, st['batch'] + accum, n_acc + 1
-        # a line every log_interval steps, and at least once a minute on slow machines
-        if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1 or time.time() - t0 > 60:
-            loss_val = mean_over_ranks(loss_acc / n_acc, world).item()
-            check_finite(loss_val, st['step'], log)
-            dt, tok = time.time() - t0, tokens.item() * world
-            log(f"step {st['step']:>7} | epoch {st['epoch'] + 1} | loss {loss_val:.3f} | lr {lr:.3g} | "
-                f"{1000 * dt / n_acc:6.1f} ms/step | {tok / dt:8.0f} tok/s (source + target)")
-            env['metrics'](step=st['step'], train_loss=loss_val, lr=lr, tok_s=tok / dt)
-            t0, tokens, loss_acc, n_acc = time.time(), tokens * 0, loss_acc * 0, 0
-        if cfg['eval_interval'] and st['step'] % cfg['eval_interval'] == 0:
-            evaluate_and_save()
-    save()
-    return final_nmt_eval(cfg, env, model, corpus, st['step'])
-
-
-def final_nmt_eval(cfg, env, model, corpus, step):
-    import nmt
-    out = Path(cfg['out_dir'])
-    if cfg['avg_last'] and cfg['save']:         # average the last N periodic checkpoints
-        paths = sorted(out.glob('ckpt[0-9]*.pt'), key=lambda p: int(p.stem[4:]))[-cfg['avg_last']:]
-        model.load_state_dict(nmt.average_checkpoints([str(p) for p in paths]))
-        env['log'](f"averaged {len(paths)} checkpoints: {[p.name for p in paths]}")
-    elif cfg['save'] and (out / 'best.pt').exists():
-        model.load_state_dict(torch.load(out / 'best.pt', map_location=env['device'], weights_only=True))
-    res = {}
-    for split in ('valid', 'test'):
-        nll, score = evaluate_nmt(cfg, env, model, corpus, split, bleu=True)
-        res[split] = dict(ppl=math.exp(nll), bleu=score)
-    env['log'](f"final | valid ppl {res['valid']['ppl']:.2f} BLEU {res['valid']['bleu']:.2f} | "
-               f"test ppl {res['test']['ppl']:.2f} BLEU {res['test']['bleu']:.2f}")
-    env['metrics'](step=step, val_ppl=res['valid']['ppl'], val_bleu=res['valid']['bleu'],
-                   test_ppl=res['test']['ppl'], test_bleu=res['test']['bleu'], final=True)
-    return res
-
-
-def translate_stdin(cfg, env):
-    if not cfg['resume']:
-        sys.exit("error: --translate needs --resume CHECKPOINT")
-    ck = load_checkpoint(cfg['resume'])
-    if 'vocab' not in ck:
-        sys.exit(f"error: {cfg['resume']} holds no vocabulary: it is not a translation checkpoint")
-    mcfg = dict(ck['config'], beam=cfg['beam'], lenpen=cfg['lenpen'], max_len_b=cfg['max_len_b'])
-    src_vocab, tgt_vocab = ck['vocab']['src'], ck['vocab']['tgt']
-    model = build_model(mcfg, (len(src_vocab), len(tgt_vocab)))
-    load_model_state(model, ck, mcfg)
-    model.to(env['device']).eval()
-    if cfg['embed_cache']:
-        use_embed_cache(model, env['log'])
-    stoi = {w: i for i, w in enumerate(src_vocab)}
-    lower = mcfg['corpus_variant'] == 'tok'     # the official Multi30k files are lowercased
-    lines = [ln.strip() for ln in sys.stdin]
-    sents = [[stoi.get(w, 1) for w in (ln.lower() if lower else ln).split()] for ln in lines]
-    with env['ctx']:
-        hyps = translate_ids(model, sents, mcfg, env['device'])
-    specials = {model.pad, model.bos, model.eos}
-    for h in hyps:
-        print(' '.join(tgt_vocab[i] for i in h if i not in specials))
-
-
-# ------------------------------------------------------------------------------ main
-
-def setup(cfg):
-    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ      # started by torchrun
-    want = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    if want == 'cuda' and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no GPU is visible; use --device cpu")
-    rank, world, local_rank = 0, 1, 0
-    if ddp:
-        dist.init_process_group('nccl' if want == 'cuda' else 'gloo')
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ['LOCAL_RANK'])
-    device = torch.device(f'cuda:{local_rank}' if want == 'cuda' else 'cpu')
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    master = rank == 0
-    out = Path(cfg['out_dir'])
-    if master and cfg['save']:
-        out.mkdir(parents=True, exist_ok=True)
-
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-
-    def metrics(**row):   # one JSON line per log / eval, for plots and tables
-        if master:   # on every run: --save False skips only the checkpoints
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / 'metrics.jsonl', 'a') as f:
-                f.write(json.dumps(dict(time=round(time.time(), 3), **row)) + '\n')
-
-    if cfg['dtype'] not in ('bfloat16', 'float32'):
-        sys.exit(f"error: --dtype {cfg['dtype']!r} unknown; choose bfloat16 or float32")
-    bf16 = device.type == 'cuda' and cfg['dtype'] == 'bfloat16'
-    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
-    return dict(rank=rank, world=world, local_rank=local_rank, device=device, master=master,
-                ctx=ctx, log=log, metrics=metrics)
-
-
-def count_only(cfg, log):
-    v = cfg['vocab_size']
-    if v is None:
-        sys.exit("error: --count-params needs --vocab-size (presets carry it)")
-    if cfg['model'] == 'nmt' and isinstance(v, int):
-        v = (v, v)
-    torch.manual_seed(cfg['seed'])
-    with torch.device('meta'):                  # shapes only: no memory, no time
-        model = build_model(cfg, tuple(v) if cfg['model'] == 'nmt' else v)
-    return print_params(model, log)
-
+# ------------------------------------------------------------------------------ other entries
 
 def use_embed_cache(model, log):
     """DeFINE's inference cache: every TokenIO's input path becomes one (V, d) table."""
@@ -1129,52 +644,75 @@ def use_embed_cache(model, log):
             f"MiB) replaces {info['input_path_params']} input-path parameters")
 
 
-def eval_only(cfg, env):
+def trained_model(cfg, env, vocab=None):
+    """The model of --resume's checkpoint, with the settings that do not change it from cfg."""
     ck = load_checkpoint(cfg['resume'])
-    overrides = {k: cfg[k] for k in ('data_dir', 'cache_dir', 'eval_tgt_len', 'eval_mem_len',
-                                     'eval_clamp_len', 'eval_same_length', 'eval_batch_size',
-                                     'test_batch_size', 'beam', 'lenpen', 'out_dir', 'save')}
-    mcfg = dict(ck['config'], **overrides)
-    if mcfg['model'] == 'nmt':
-        corpus = nmt_corpus(mcfg)
-        model = build_model(mcfg, (len(corpus.src_vocab), len(corpus.tgt_vocab)))
-    else:
-        import data as D
-        corpus = D.lm_corpus(mcfg['dataset'], data_dir=mcfg['data_dir'], cache_dir=mcfg['cache_dir'])
-        model = build_model(mcfg, len(corpus.vocab))
+    keep = ('data_dir', 'cache_dir', 'eval_tgt_len', 'eval_mem_len', 'eval_clamp_len',
+            'eval_same_length', 'eval_batch_size', 'test_batch_size', 'beam', 'lenpen',
+            'max_len_b', 'out_dir', 'save')
+    mcfg = dict(ck['config'], **{k: cfg[k] for k in keep})
+    model = build_model(mcfg, vocab or mcfg['vocab_size'])
     load_model_state(model, ck, mcfg)
-    model.to(env['device'])
+    model.to(env.device).eval()
     if cfg['embed_cache']:
-        use_embed_cache(model, env['log'])
-    if mcfg['model'] == 'nmt':
-        return final_nmt_eval(dict(mcfg, avg_last=0, save=False), env, model, corpus, ck['train']['step'])
-    return final_lm_eval(mcfg, env, model, corpus, ck['train']['step'])
+        use_embed_cache(model, env.log)
+    return model, mcfg, ck
+
+
+def translate_stdin(cfg, env):
+    ck = load_checkpoint(cfg['resume'])
+    if 'vocab' not in ck:
+        sys.exit(f"error: {cfg['resume']} holds no vocabulary: it is not a translation checkpoint")
+    src_vocab, tgt_vocab = ck['vocab']['src'], ck['vocab']['tgt']
+    model, mcfg, _ = trained_model(cfg, env, (len(src_vocab), len(tgt_vocab)))
+    stoi = {w: i for i, w in enumerate(src_vocab)}
+    lower = mcfg['corpus_variant'] == 'tok'     # the official Multi30k files are lowercased
+    sents = [[stoi.get(w, 1) for w in (ln.lower() if lower else ln).split()] for ln in sys.stdin]
+    with env.ctx:
+        hyps = model.translate(sents, mcfg['beam'], mcfg['lenpen'], mcfg['max_len_b'])
+    for h in hyps:
+        print(D.detokenize(h, tgt_vocab))
+
+
+def eval_only(cfg, env):
+    model, mcfg, ck = trained_model(cfg, env)
+    corpus, _, _, eval_batches = load_data(mcfg, env)
+    return final_eval(mcfg, env, model, corpus, eval_batches, ck['train']['step'])
+
+
+def count_only(cfg):
+    v = cfg['vocab_size']
+    if v is None:
+        sys.exit("error: --count-params needs --vocab-size (presets carry it)")
+    if cfg['model'] == 'nmt':
+        v = (v, v) if isinstance(v, int) else tuple(v)
+    torch.manual_seed(cfg['seed'])
+    with torch.device('meta'):                  # shapes only: no memory, no time
+        return print_params(build_model(cfg, v))
 
 
 def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
     if cfg['count_params']:
-        return count_only(cfg, print)
+        return count_only(cfg)
+    if (cfg['translate'] or cfg['eval_only']) and not cfg['resume']:
+        sys.exit(f"error: --{'translate' if cfg['translate'] else 'eval-only'} needs --resume CHECKPOINT")
     env = setup(cfg)
-    env['log']('config ' + json.dumps(cfg, sort_keys=True))
+    if not cfg['translate']:
+        env.log('config ' + json.dumps(cfg, sort_keys=True))
     try:
         if cfg['translate']:
             return translate_stdin(cfg, env)
-        if cfg['eval_only']:
-            if not cfg['resume']:
-                sys.exit("error: --eval-only needs --resume CHECKPOINT")
-            return eval_only(cfg, env)
-        return (train_nmt if cfg['model'] == 'nmt' else train_lm)(cfg, env)
+        return eval_only(cfg, env) if cfg['eval_only'] else train(cfg, env)
     finally:
-        if env['world'] > 1:
+        if env.world > 1:
             dist.destroy_process_group()
 
 
 if __name__ == '__main__':
-    import data
     try:
         main()
     except KeyboardInterrupt:
         sys.exit("interrupted: the last checkpoint in the output folder is intact (--resume it)")
-    except (data.DataError, ValueError) as e:     # bad input: the message names the fix
+    except (D.DataError, ValueError) as e:     # bad input: the message names the fix
         sys.exit(f"error: {e}")

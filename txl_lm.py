@@ -17,8 +17,7 @@ Token embeddings and the output softmax come from a define.TokenIO, so the embed
 (standard, projective, adaptive, DeFINE) is a switch, never a fork in this file.
 
 Layout: time-major (T, B, ...) at the interface (ids, targets, memory), batch-first inside:
-(B, T, d), and (B, H, T, d_head) views of the projections for attention, the strides SDPA's
-fused kernels take as they are.
+(B, T, d), and (B, H, T, d_head) views of the projections for attention.
 
     model = TransformerXL(TokenIO('projective', V, 410, n=410, cutoffs=[20000, 40000, 200000]))
     mems = None
@@ -30,9 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['TransformerXL', 'RelAttention', 'Block', 'rel_shift', 'ATTN_IMPLS']
+__all__ = ['TransformerXL', 'RelAttention', 'Block', 'rel_shift']
 
-ATTN_IMPLS = ('math', 'sdpa')
 INIT_STD = 0.02     # the published init: N(0, 0.02) weights, N(1, 0.02) LayerNorm gains
 
 
@@ -62,31 +60,20 @@ class RelAttention(nn.Module):
         self.drop, self.drop_att = nn.Dropout(dropout), nn.Dropout(dropatt)
         self.scale = d_head ** -0.5
 
-    def forward(self, x, c, pos, r_w_bias, r_r_bias, mask, impl='math'):
-        """x (B, Q, d) queries; c (B, K, d) keys/values: memory + x; pos (Kp, d) sinusoids
-        of distances K-1, K-2, ..., K-Kp (Kp >= K); mask (Q, Kp) bool, True = hidden."""
+    def forward(self, x, c, pos, r_w_bias, r_r_bias, mask):
+        """x (B, Q, d) queries; c (B, K, d) keys/values: memory + x; pos (K, d) sinusoids
+        of distances K-1, K-2, ..., 0; mask (Q, K) bool, True = hidden."""
         B, Q, _ = x.shape
         K, H, D = c.size(1), self.n_head, self.d_head
         w = self.qkv.weight
         q = F.linear(x, w[:H * D]).view(B, Q, H, D).transpose(1, 2)            # (B, H, Q, D)
         k, v = F.linear(c, w[H * D:]).view(B, K, 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, K, D)
-        r = F.linear(pos, self.r_net.weight).view(-1, H, D).permute(1, 2, 0)   # (H, D, Kp)
-        qu = q + r_w_bias.to(q.dtype)[:, None]                                 # terms (a) + (c)
-        bd = rel_shift((q + r_r_bias.to(q.dtype)[:, None]) @ r)    # (b) + (d): (B, H, Q, Kp)
-        if impl == 'sdpa':
-            # (b) + (d) and the mask become an additive float bias; Kp is a multiple of 8, so
-            # the slice keeps the aligned strides the memory-efficient kernel wants (no copy)
-            bias = (bd * self.scale).masked_fill(mask, torch.finfo(bd.dtype).min)[..., :K]
-            p = -D % 8      # fused kernels need a head dim divisible by 8 (41 -> 48): zero pad
-            if p:
-                qu, k, v = (F.pad(t, (0, p)) for t in (qu, k, v))
-            o = F.scaled_dot_product_attention(
-                qu, k, v, attn_mask=bias, dropout_p=self.dropatt if self.training else 0.0,
-                scale=self.scale)[..., :D]                                     # (B, H, Q, D)
-        else:
-            s = (_upcast(qu @ k.transpose(-1, -2)) + bd[..., :K]) * self.scale  # (B, H, Q, K)
-            s = s.masked_fill(mask[:, :K], torch.finfo(s.dtype).min)   # finite: never NaN
-            o = self.drop_att(s.softmax(-1)).to(v.dtype) @ v                   # (B, H, Q, D)
+        r = F.linear(pos, self.r_net.weight).view(K, H, D).permute(1, 2, 0)    # (H, D, K)
+        ac = (q + r_w_bias.to(q.dtype)[:, None]) @ k.transpose(-1, -2)         # (a) + (c)
+        bd = rel_shift((q + r_r_bias.to(q.dtype)[:, None]) @ r)                # (b) + (d)
+        s = (_upcast(ac) + bd) * self.scale                                    # (B, H, Q, K)
+        s = s.masked_fill(mask, torch.finfo(s.dtype).min)     # finite: a row is never NaN
+        o = self.drop_att(s.softmax(-1)).to(v.dtype) @ v                       # (B, H, Q, D)
         return self.drop(self.o_net(o.transpose(1, 2).reshape(B, Q, H * D)))
 
 
@@ -101,24 +88,23 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.pre_norm = pre_norm
 
-    def forward(self, x, c, pos, r_w_bias, r_r_bias, mask, impl):   # (B, Q, d) -> (B, Q, d)
+    def forward(self, x, c, pos, r_w_bias, r_r_bias, mask):   # (B, Q, d) -> (B, Q, d)
         if self.pre_norm:                 # the memory holds the un-normalized residual stream
             cn = self.ln1(c)
-            x = x + self.attn(cn[:, -x.size(1):], cn, pos, r_w_bias, r_r_bias, mask, impl)
+            x = x + self.attn(cn[:, -x.size(1):], cn, pos, r_w_bias, r_r_bias, mask)
             return x + self.ff(self.ln2(x))
-        x = self.ln1(x + self.attn(x, c, pos, r_w_bias, r_r_bias, mask, impl))
+        x = self.ln1(x + self.attn(x, c, pos, r_w_bias, r_r_bias, mask))
         return self.ln2(x + self.ff(x))
 
 
 class TransformerXL(nn.Module):
     """forward(ids, targets=None, mems=None) -> (loss or hidden, new_mems); see forward.
 
-    mem_len, clamp_len, same_length and attn_impl are plain attributes: the published
-    evaluation sets mem_len = 640, clamp_len = 400, same_length = True (tgt_len 64)."""
+    mem_len, clamp_len and same_length are plain attributes: the published evaluation sets
+    mem_len = 640, clamp_len = 400, same_length = True (tgt_len 64)."""
 
     def __init__(self, io, n_layer=16, n_head=10, d_head=41, d_inner=2100, dropout=0.1,
-                 dropatt=0.0, mem_len=150, clamp_len=-1, same_length=False, pre_norm=False,
-                 attn_impl='math'):
+                 dropatt=0.0, mem_len=150, clamp_len=-1, same_length=False, pre_norm=False):
         super().__init__()
         d = io.d_model
         if io.d_embed != d:
@@ -135,11 +121,8 @@ class TransformerXL(nn.Module):
                              f"{d_inner} must all be >= 1")
         if mem_len < 0:
             raise ValueError(f"mem_len={mem_len} must be >= 0 (0: no memory)")
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl={attn_impl!r} unknown; choose one of {ATTN_IMPLS}")
         self.io, self.d_model, self.n_layer = io, d, n_layer
         self.mem_len, self.clamp_len, self.same_length = mem_len, clamp_len, same_length
-        self.attn_impl = attn_impl
         self.drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(Block(d, n_head, d_head, d_inner, dropout, dropatt, pre_norm)
                                     for _ in range(n_layer))
@@ -164,68 +147,57 @@ class TransformerXL(nn.Module):
     def init_mems(self):
         return None                       # empty memory; forward starts one
 
-    def _positions(self, qlen, mlen, kpad, dtype, device):
-        """Sinusoids of distances klen-1, ..., 0 and then -1, ... up to kpad rows (masked
-        padding), clamped at clamp_len; and the (qlen, kpad) mask, True = hidden."""
+    def _positions(self, qlen, mlen, dtype, device):
+        """Sinusoids of distances klen-1, ..., 0, clamped at clamp_len, (klen, d); and the
+        (qlen, klen) mask, True = hidden."""
         klen = mlen + qlen
         f32 = torch.promote_types(dtype, torch.float32)    # angles are not for bf16
-        dist = torch.arange(klen - 1, klen - 1 - kpad, -1, device=device, dtype=f32)
+        dist = torch.arange(klen - 1, -1, -1, device=device, dtype=f32)
         if self.clamp_len > 0:
             dist = dist.clamp(max=self.clamp_len)
         inv_freq = 1.0 / 10000 ** (torch.arange(0, self.d_model, 2, device=device, dtype=f32)
                                    / self.d_model)
-        ang = dist[:, None] * inv_freq                                       # (kpad, d/2)
-        pos = torch.cat([ang.sin(), ang.cos()], -1).to(dtype)                # (kpad, d)
+        ang = dist[:, None] * inv_freq                                       # (klen, d/2)
+        pos = torch.cat([ang.sin(), ang.cos()], -1).to(dtype)                # (klen, d)
         d_ij = (torch.arange(qlen, device=device)[:, None] + mlen
-                - torch.arange(kpad, device=device))                         # query - key
+                - torch.arange(klen, device=device))                         # query - key
         mask = d_ij < 0                                                      # causal
         if self.same_length:   # every query sees the last mem_len keys (at least itself)
             mask = mask | (d_ij >= max(min(self.mem_len, klen), 1))
         return pos, mask
 
-    def forward(self, ids, targets=None, mems=None, counts=None, distinct=None):
+    def forward(self, ids, targets=None, mems=None):
         """ids, targets: (T, B) token ids, time-major. mems: None or a list of n_layer + 1
         tensors (M, B, d_model): the input of every layer (the embedding output first, the
         last layer's output last) at the M previous positions; M may be 0.
         Returns (loss, new_mems): loss = mean NLL of the T*B targets (io.loss), or the hidden
         states (T, B, d_model) when targets is None; new_mems: the last min(mem_len, M + T)
         positions of [mems, this segment] per layer, detached, contiguous (L, B, d_model), in
-        the compute dtype (the autocast dtype under autocast, else the hidden dtype).
-        counts, distinct: io.loss_counts(targets) and io.distinct(ids), or None (see there)."""
-        x, new_mems = self.hidden(ids, mems, distinct)
+        the compute dtype (the autocast dtype under autocast, else the hidden dtype)."""
+        x, new_mems = self.trunk(self.embed(ids), mems)
         if targets is None:
             return x.transpose(0, 1), new_mems
-        # mean over tokens: order is irrelevant
-        return self.io.loss(x, targets.t(), counts=counts), new_mems
+        return self.io.loss(x, targets.t()), new_mems    # mean over tokens: order is irrelevant
 
-    def hidden(self, ids, mems=None, distinct=None):
-        """(ids (T, B), mems) -> the dropped-out last hidden states (B, T, d_model), new_mems
-        (see forward)."""
-        return self.trunk(self.embed(ids, distinct), mems)
-
-    def embed(self, ids, distinct=None):  # (T, B) ids -> (B, T, d_model), dropped out
+    def embed(self, ids):                 # (T, B) ids -> (B, T, d_model), dropped out
         # io.embed is already scaled: TokenIO's embed_scale is sqrt(d_model) for a table, as
         # published, and 1 for DeFINE, whose output is O(1) by construction
-        if distinct is not None:          # io.distinct(ids): its inverse is (T, B) too
-            distinct = (distinct[0], distinct[1].t())
-        return self.drop(self.io.embed(ids.t(), distinct=distinct))
+        return self.drop(self.io.embed(ids.t()))
 
     def trunk(self, x, mems=None):
-        """The layers alone, shapes fixed by (x, mems): x (B, T, d_model) the embedded
-        segment -> (B, T, d_model), new_mems."""
+        """The layers: x (B, T, d_model) the embedded segment -> (B, T, d_model), new_mems."""
         B, T, _ = x.shape
         if mems is not None and len(mems) != self.n_layer + 1:
             raise ValueError(f"mems must hold n_layer + 1 = {self.n_layer + 1} tensors, "
                              f"got {len(mems)}; pass None or what the last forward returned")
         mems = mems or [None] * (self.n_layer + 1)
         mlen = 0 if mems[0] is None else mems[0].size(0)
-        kpad = -(-(mlen + T) // 8) * 8      # keys padded to a multiple of 8 (masked)
-        pos, mask = self._positions(T, mlen, kpad, x.dtype, x.device)
+        pos, mask = self._positions(T, mlen, x.dtype, x.device)
         pos = self.drop(pos)              # one dropout of the position code, all layers
         cats = []                         # each layer's keys/values input: [memory, x]
         for layer, mem in zip(self.layers, mems):
             cats.append(self._cat(mem, x))
-            x = layer(x, cats[-1], pos, self.r_w_bias, self.r_r_bias, mask, self.attn_impl)
+            x = layer(x, cats[-1], pos, self.r_w_bias, self.r_r_bias, mask)
         with torch.no_grad():
             cats.append(self._cat(mems[-1], x))
             dev = x.device.type

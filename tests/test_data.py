@@ -411,3 +411,50 @@ def test_wikitext_zip_and_multi30k_gz_downloads(server, tmp_path, monkeypatch):
     assert detokenize(p.splits['test'][1][0], p.tgt_vocab) == '<unk> de words'
     assert (tmp_path / 'multi30k' / 'raw' / 'val.de').read_bytes() == files['/val.de.gz']
     assert not list((tmp_path / 'multi30k' / 'raw').glob('*.gz'))
+
+
+def test_lm_batches_walk_the_streams_and_resume_exactly():
+    """LMBatches: a step's micro-batches are column blocks of one window, the epoch's windows
+    follow each other down the (T, B) grid, and a state_dict taken midway continues with the
+    same batches (the random lengths included)."""
+    grid = torch.arange(100 * 4).view(4, 100).t().contiguous()       # (T=100, B=4) streams
+    a = data.LMBatches(grid, bptt=7, accum=2, variable=True, seed=3)
+    windows, steps = [], []
+    while (b := a.next()) is not None:
+        x, y = torch.cat([m[0] for m in b.micro], 1), torch.cat([m[1] for m in b.micro], 1)
+        assert [m[0].shape[1] for m in b.micro] == [2, 2]
+        assert torch.equal(y, grid[len(torch.cat(windows or [x[:0]])) + 1:][:len(x)])
+        assert b.tokens == y.numel() and round(b.lr_scale * 7) >= 5  # lengths never below 5
+        windows.append(x)
+        steps.append(b)
+    seen = torch.cat(windows)
+    assert a.epoch == 1 and torch.equal(seen, grid[:len(seen)]) and len(seen) >= len(grid) - 2
+    b = data.LMBatches(grid, bptt=7, accum=2, variable=True, seed=3)
+    for _ in range(3):
+        b.next()
+    c = data.LMBatches(grid, bptt=7, accum=2, variable=True, seed=99)
+    c.load_state_dict(b.state_dict())
+    for want in steps[3:6]:
+        got = c.next()
+        assert got.lr_scale == want.lr_scale
+        assert all(torch.equal(u[0], v[0]) for u, v in zip(got.micro, want.micro))
+
+
+def test_translation_batches_cover_every_pair_once_and_resume_exactly():
+    lens = [(3, 4), (9, 2), (4, 8), (7, 5), (5, 3), (2, 6), (8, 7), (6, 9)]
+    src = [np.full(s, 10 + i) for i, (s, _) in enumerate(lens)]      # sentence i is all 10 + i
+    tgt = [np.full(t, 10 + i) for i, (_, t) in enumerate(lens)]
+    a = data.TranslationBatches((src, tgt), max_tokens=24, seed=1)
+    seen, steps = [], []
+    while (b := a.next()) is not None:
+        steps.append(b)
+        (s, t), = b.micro
+        assert s.numel() <= 24 and t.numel() <= 24 and torch.equal(s[:, 0], t[:, 1])
+        assert b.tokens == int((s != 0).sum() + (t[:, 1:] != 0).sum())
+        seen += s[:, 0].tolist()
+    assert sorted(seen) == list(range(10, 18)) and a.epoch == 1
+    b = data.TranslationBatches((src, tgt), max_tokens=24, seed=1)
+    b.next()
+    c = data.TranslationBatches((src, tgt), max_tokens=24, seed=1)
+    c.load_state_dict(b.state_dict())
+    assert torch.equal(c.next().micro[0][1], steps[1].micro[0][1])

@@ -10,9 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import ROOT
-import define
 from define import (KINDS, VARIANTS, AdaptiveInput, AdaptiveSoftmax, DeFINE, GroupLinear,
-                    TokenIO, count_params, smoothed_cross_entropy)
+                    TokenIO, count_params)
 
 WT103_V, WT103_CUTOFFS = 267_735, [20000, 40000, 200000]
 
@@ -212,10 +211,6 @@ def test_adaptive_softmax_matches_torch_adaptive_log_softmax():
     target[:3] = torch.tensor([5, 50, 250])       # every cluster present
     torch.testing.assert_close(ours.log_probs(h, inp), ref.log_prob(h))
     torch.testing.assert_close(ours.loss(h, target, inp), ref(h, target).loss)
-    counts = ours.counts(target)                  # the host sync, taken by the caller
-    assert counts == [(target < 20).sum().item(), ((target >= 20) & (target < 100)).sum().item(),
-                      (target >= 100).sum().item()]
-    torch.testing.assert_close(ours.loss(h, target, inp, counts=counts), ref(h, target).loss)
 
 
 def _io(kind, **kw):
@@ -252,50 +247,40 @@ def test_log_probs_normalised_and_loss_is_their_nll(kind, cfg):
     torch.testing.assert_close(io.loss(h, y, reduction='sum'), nll.flatten()[keep].sum())
 
 
-@pytest.mark.parametrize("reduction", ['sum', 'mean', 'none'])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_smoothed_cross_entropy_equals_torch(reduction, eps):
-    z = torch.randn(23, 37, dtype=torch.double, requires_grad=True)
-    t = torch.randint(0, 37, (23,))
-    t[::4] = 5                                # the ignored index, also a real class
-    got = smoothed_cross_entropy(z, t, reduction, ignore_index=5, label_smoothing=eps)
-    want = F.cross_entropy(z, t, reduction=reduction, ignore_index=5, label_smoothing=eps)
-    torch.testing.assert_close(got, want)
-    w = torch.randn_like(want)                # any upstream gradient, per row for 'none'
-    torch.testing.assert_close(torch.autograd.grad((got * w).sum(), z)[0],
-                               torch.autograd.grad((want * w).sum(), z)[0])
-
-
-def test_full_softmax_loss_takes_the_fusable_form_when_compiling(monkeypatch):
-    """Under torch.compile the full softmax's loss is smoothed_cross_entropy: forced on in
-    eager, the loss is still F.cross_entropy's, and compiled equals eager with gradients."""
-    torch.manual_seed(0)
-    io = TokenIO('standard', 50, 16)
+def test_full_softmax_loss_equals_cross_entropy_of_tied_logits(eps):
+    """The full softmax's logits are h @ table^T + bias: its loss is torch's cross entropy
+    of them (label smoothing, ignored targets), and so are the gradients."""
+    io = _io('standard', cutoffs=[])
     with torch.no_grad():
         io.out.bias.normal_()
-    h, y = torch.randn(4, 6, 16), torch.randint(0, 50, (4, 6))
-    y[0] = 0
-    args = dict(reduction='sum', ignore_index=0, label_smoothing=0.1)
-    want = io.loss(h, y, **args)
-    calls = []
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return smoothed_cross_entropy(*a, **kw)
-    with monkeypatch.context() as m:
-        m.setattr(torch.compiler, 'is_compiling', lambda: True)
-        m.setattr(define, 'smoothed_cross_entropy', spy)
-        torch.testing.assert_close(io.loss(h, y, **args), want)
-    assert calls
-    hc = h.clone().requires_grad_()
-    got = torch.compile(io.loss)(hc, y, **args)
+    h = torch.randn(4, 6, 24, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 120, (4, 6))
+    y[0] = 7                                   # the ignored index, also a real class
+    args = dict(ignore_index=7, label_smoothing=eps)
+    got = io.loss(h, y, **args)
+    logits = h @ io.map.tables[0].T + io.out.bias
+    want = F.cross_entropy(logits.reshape(-1, 120), y.reshape(-1), **args)
     torch.testing.assert_close(got, want)
-    he = h.clone().requires_grad_()
-    io.loss(he, y, **args).backward()
-    bias_grad, io.out.bias.grad = io.out.bias.grad, None
-    got.backward()
-    torch.testing.assert_close(hc.grad, he.grad)
-    torch.testing.assert_close(io.out.bias.grad, bias_grad)
+    params = [h, io.map.tables[0], io.out.bias]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_loss_equals_eager():
+    """torch.compile of the tied output's loss (as fast.compiled runs it): the same loss and
+    gradients as eager, for a full softmax with label smoothing and an adaptive softmax."""
+    for io, eps in [(_io('standard', cutoffs=[]).float(), 0.1), (_io('define').float(), 0.0)]:
+        with torch.no_grad():
+            for p in io.out.parameters():
+                p.normal_()
+        h, y = torch.randn(5, 7, io.d_hidden), torch.randint(0, 120, (5, 7))
+        y[0] = 3
+        h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+        want = io.loss(h1, y, ignore_index=3, label_smoothing=eps)
+        got = torch.compile(io.loss)(h2, y, ignore_index=3, label_smoothing=eps)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, h2)[0], torch.autograd.grad(want, h1)[0])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -413,12 +398,9 @@ def test_define_py_imports_torch_only():
     assert imports <= {'math', 'torch'}, imports
 
 
-def test_loss_with_counts_taken_early_equals_loss():
-    io = _io('define')
-    h = torch.randn(40, io.d_hidden, dtype=torch.double)
-    y = torch.randint(0, 120, (40,))
-    y[:4] = torch.tensor([3, 20, 100, -100])      # every cluster, and one ignored target
-    counts = io.loss_counts(y)
-    assert sum(counts) == 40 and min(counts) > 0
-    torch.testing.assert_close(io.loss(h, y, counts=counts), io.loss(h, y))
-    assert _io('define', cutoffs=[]).loss_counts(y) is None      # a full softmax: no sync
+def test_input_only_token_io_embeds_and_refuses_to_predict():
+    io = _io('define', output=False)
+    assert io.out is None and io.embed(torch.tensor([[1, 50]])).shape == (1, 2, 24)
+    assert count_params(io)['io'] < count_params(_io('define'))['io']
+    with pytest.raises(RuntimeError, match="output=False"):
+        io.loss(torch.randn(2, 24, dtype=torch.double), torch.tensor([1, 2]))

@@ -31,7 +31,7 @@ def test_dropconnect_equals_naive_lstm_with_the_dropped_matrix():
     model = _model(wdrop=0.5).train()
     ids, y = torch.randint(0, 50, (6, 3)), torch.randint(0, 50, (6, 3))
     torch.manual_seed(7)
-    loss, nll, _ = model(ids, y)
+    loss, _ = model(ids, y)          # alpha = beta = 0: the loss is the NLL
     torch.manual_seed(7)     # the same draws, in the same order: one mask per layer
     x = model.io.embed(ids)
     for rnn in model.rnns:
@@ -39,7 +39,7 @@ def test_dropconnect_equals_naive_lstm_with_the_dropped_matrix():
         assert (w_hh == 0).float().mean().item() == pytest.approx(0.5, abs=0.15)
         h0 = torch.zeros(3, rnn.hidden_size, dtype=torch.double)
         x, _, _ = _naive_lstm(x, rnn.weight_ih_l0, w_hh, rnn.bias_ih_l0, rnn.bias_hh_l0, h0, h0)
-    torch.testing.assert_close(nll, model.io.loss(x, y))
+    torch.testing.assert_close(loss, model.io.loss(x, y))
     loss.backward()
     assert all(r.weight_hh_l0.grad.abs().sum() > 0 for r in model.rnns)
 
@@ -51,20 +51,20 @@ def test_dropconnect_survives_train_eval_switches():
         model.eval()
         model(ids, ids)
         model.train()
-        loss, _, _ = model(ids, ids)
+        loss, _ = model(ids, ids)
         loss.backward()
     names = {n for n, _ in model.named_parameters()}
     assert {f'rnns.{i}.weight_hh_l0' for i in range(3)} <= names
-    eval_out = model.eval()(ids, ids)[1]
-    torch.testing.assert_close(eval_out, model(ids, ids)[1])   # no dropout at all in eval
+    eval_out = model.eval()(ids, ids)[0]
+    torch.testing.assert_close(eval_out, model(ids, ids)[0])   # no dropout at all in eval
 
 
 def test_carried_state_equals_one_pass_over_both_chunks():
     model = _model().eval()
     ids, y = torch.randint(0, 50, (10, 3)), torch.randint(0, 50, (10, 3))
-    _, whole, _ = model(ids, y)
-    _, a, state = model(ids[:4], y[:4])
-    _, b, _ = model(ids[4:], y[4:], state)
+    whole, _ = model(ids, y)
+    a, state = model(ids[:4], y[:4])
+    b, _ = model(ids[4:], y[4:], state)
     torch.testing.assert_close((4 * a + 6 * b) / 10, whole)
     assert all(not s.requires_grad for hc in state for s in hc)
 
@@ -74,13 +74,13 @@ def test_ar_and_tar_are_the_l2_penalties():
     ids, y = torch.randint(0, 50, (6, 2)), torch.randint(0, 50, (6, 2))
     outs = {}
     model.rnns[-1].register_forward_hook(lambda m, a, out: outs.update(raw=out[0]))
-    loss, nll, _ = model(ids, y)
+    loss, _ = model(ids, y)
     raw = outs['raw']                               # (T, B, n)
     want = 2.0 * raw.pow(2).mean() + 1.0 * (raw[1:] - raw[:-1]).pow(2).mean()
-    torch.testing.assert_close(loss - nll, want)
+    torch.testing.assert_close(loss - model.io.loss(raw, y), want)
     model.eval()
-    loss_e, nll_e, _ = model(ids, y)
-    torch.testing.assert_close(loss_e, nll_e)      # no penalties outside training
+    loss_e, _ = model(ids, y)                       # no penalties outside training
+    torch.testing.assert_close(loss_e, model.io.loss(outs['raw'], y))
 
 
 def test_locked_dropout_shares_one_mask_over_time():
@@ -99,11 +99,11 @@ def test_every_embedding_kind_trains(kind):
     ids = torch.randint(0, 50, (8, 4))
     first = None
     for _ in range(30):
-        loss, nll, _ = model(ids[:-1], ids[1:])
+        loss, _ = model(ids[:-1], ids[1:])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
-        first = first or nll.item()
-    assert nll.item() < first
+        first = first or loss.item()
+    assert loss.item() < first
     assert model.rnns[-1].hidden_size == model.io.d_hidden   # tied: the last layer is n wide

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from define import TokenIO
-from txl_lm import ATTN_IMPLS, TransformerXL, rel_shift
+from txl_lm import TransformerXL, rel_shift
 
 F64 = torch.float64
 
 
 def tiny(kind='standard', V=50, d=16, n_layer=2, n_head=2, d_head=5, dropout=0.0, **kw):
-    """A tiny float64 model; d_head = 5 is odd on purpose (the sdpa path pads it to 8)."""
+    """A tiny float64 model; d_head = 5 is odd on purpose."""
     io_kw = {k: kw.pop(k) for k in ('n', 'cutoffs', 'k', 'depth', 'g_max', 'dedup') if k in kw}
     io = TokenIO(kind, V, d, **io_kw)
     return TransformerXL(io, n_layer=n_layer, n_head=n_head, d_head=d_head, d_inner=24,
@@ -63,17 +63,15 @@ def naive_attention(attn, x, mem, u, v, mem_len, clamp_len, same_length):
     return out @ Wo.t()
 
 
-@pytest.mark.parametrize("impl", ATTN_IMPLS)
 @pytest.mark.parametrize("mem_len,clamp_len,same_length", [
     (7, -1, False),      # plain causal mask over memory + segment
     (6, -1, True),       # same_length with mem_len < klen: a sliding window of 6 keys
     (3, -1, True),       # a window narrower than the segment
     (7, 3, False),       # distances clamped below klen
     (6, 4, True)])
-def test_relative_attention_equals_naive_four_terms(impl, mem_len, clamp_len, same_length):
+def test_relative_attention_equals_naive_four_terms(mem_len, clamp_len, same_length):
     B, Q, M, d = 2, 5, 7, 16
-    model = tiny(n_layer=1, d=d, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length,
-                 attn_impl=impl).eval()
+    model = tiny(n_layer=1, d=d, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length).eval()
     attn = model.layers[0].attn
     with torch.no_grad():   # scores of order 1 (not the near-uniform init), u and v non-zero
         for p in [*attn.parameters(), model.r_w_bias, model.r_r_bias]:
@@ -101,10 +99,9 @@ def test_rel_shift_moves_distance_columns_into_key_columns():
 
 # ---------------------------------------------------------------- segment recurrence
 
-@pytest.mark.parametrize("impl", ATTN_IMPLS)
 @pytest.mark.parametrize("pre_norm", [False, True])
-def test_recurrence_equals_full_forward_over_concatenation(pre_norm, impl):
-    model = tiny(pre_norm=pre_norm, attn_impl=impl, mem_len=100).eval()
+def test_recurrence_equals_full_forward_over_concatenation(pre_norm):
+    model = tiny(pre_norm=pre_norm, mem_len=100).eval()
     lens, B = (6, 5, 4), 3
     ids = torch.randint(0, 50, (sum(lens), B))
     mems, outs = None, []
@@ -166,40 +163,16 @@ def test_memory_shapes_content_and_mem_len_attribute():
     assert all(a.shape == (3, B, d) for a in new0 + new1)
 
 
-def test_embed_then_trunk_is_hidden_and_counts_change_nothing():
-    # the seams GraphedTrunk cuts at: hidden = trunk(embed(ids)); the cluster counts taken
-    # ahead (train.py counts them on its host copy) give the same loss
-    model = tiny('define', V=60, n=8, k=16, depth=2, cutoffs=[10, 30]).eval()
-    ids, y = torch.randint(0, 60, (2, 5, 3))
-    _, mems = model(ids)
-    h, new = model.hidden(ids, mems)
-    h2, new2 = model.trunk(model.embed(ids), mems)
-    torch.testing.assert_close(h2, h, rtol=0, atol=0)
-    counts = model.io.loss_counts(y)
-    assert len(counts) == 3 and sum(counts) == y.numel()
-    torch.testing.assert_close(model(ids, y, mems, counts=counts)[0], model(ids, y, mems)[0])
-    with pytest.raises(RuntimeError):      # counts of other targets do not fit
-        model(ids, y, mems, counts=[y.numel() + 1, 0, 0])
-
-
-def test_host_hints_change_nothing_and_are_used():
-    # train.lm_hints: cluster counts and DeFINE's distinct tokens from a host copy of a
-    # (T, B) batch with T != B, so that a forgotten transpose of the inverse shows
-    import train
+def test_embed_then_trunk_is_the_forward():
+    # the seam fast.GraphedTrunk cuts at: forward = loss(trunk(embed(ids)))
     model = tiny('define', V=60, n=8, k=16, depth=2, cutoffs=[10, 30], dedup=True).eval()
     ids, y = torch.randint(0, 60, (2, 5, 3))
     _, mems = model(ids)
-    hints = train.lm_hints(model, ids, y, torch.device('cpu'))
-    assert sorted(hints) == ['counts', 'distinct']
-    uniq, inv = hints['distinct']
-    assert torch.equal(uniq[inv], ids)
-    want = model(ids, y, mems)[0]
-    torch.testing.assert_close(train.lm_forward(model, ids, y, mems, **hints)[0], want,
-                               rtol=0, atol=0)
-    other = ((uniq + 1) % 60, inv)          # other tokens in the same places: used
-    assert not torch.allclose(model(ids, y, mems, distinct=other)[0], want)
-    model.io.dedup = False                  # nothing to take ahead without the dedup
-    assert sorted(train.lm_hints(model, ids, y, torch.device('cpu'))) == ['counts']
+    h, new = model.trunk(model.embed(ids), mems)
+    loss, new2 = model(ids, y, mems)
+    torch.testing.assert_close(model.io.loss(h, y.t()), loss, rtol=0, atol=0)
+    for a, b in zip(new, new2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_memory_is_detached():
@@ -243,9 +216,8 @@ def test_compiled_equals_eager_and_keeps_memory_detached():
         lc.backward()
 
 
-@pytest.mark.parametrize("impl", ATTN_IMPLS)
-def test_bf16_autocast_memory_dtype_and_finite(impl):
-    model = tiny(attn_impl=impl, same_length=True, mem_len=6, dropout=0.1).float()
+def test_bf16_autocast_memory_dtype_and_finite():
+    model = tiny(same_length=True, mem_len=6, dropout=0.1).float()
     ids = torch.randint(0, 50, (12, 3))
     model.eval()
     ref, _ = model(ids[6:], ids[6:], model(ids[:6])[1])
@@ -276,9 +248,8 @@ def test_same_length_never_empties_a_row():
     ('projective', dict(n=8, cutoffs=[20, 35])),
     ('adaptive', dict(n=16, cutoffs=[20, 35])),
     ('define', dict(n=8, k=32, depth=2, g_max=2))])
-@pytest.mark.parametrize("impl", ATTN_IMPLS)
-def test_every_token_io_kind_trains(kind, kw, impl):
-    model = tiny(kind, attn_impl=impl, dropout=0.1, dropatt=0.1, mem_len=4,
+def test_every_token_io_kind_trains(kind, kw):
+    model = tiny(kind, dropout=0.1, dropatt=0.1, mem_len=4,
                  pre_norm=kind == 'define', **kw).train()
     ids = torch.arange(50).roll(7).view(10, 5)    # every band of the vocabulary appears
     loss1, mems = model(ids[:5], ids[1:6])
@@ -310,8 +281,7 @@ def test_init_as_published_and_token_io_untouched():
     (dict(d_model=33), {}, "even"),
     ({}, dict(n_head=0), "n_head"),
     ({}, dict(d_head=0), "d_head"),
-    ({}, dict(mem_len=-1), "mem_len"),
-    ({}, dict(attn_impl='flash'), "attn_impl")])
+    ({}, dict(mem_len=-1), "mem_len")])
 def test_rejects_what_does_not_fit(io_kw, kw, match):
     io_kw = dict(dict(kind='standard', vocab_size=50, d_model=32), **io_kw)
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,221 @@
+"""Optional speed machinery for train.py and bench.py. Nothing here changes what is computed:
+a reader learning the method can skip this file. train.py imports it only with --compile, or
+with --cuda-graphs (the default) on a GPU. What each trick buys is measured in PERF.md.
+
+compiled(module, model, shapes_vary=False)
+    torch.compile with inductor options for `model`:
+    - where a weight has a side that is not a multiple of 8 (the published Transformer-XL is
+      410 wide, 10 heads of 41, FF 2100; vocabularies rarely are), every matmul operand is
+      padded to one: an unaligned bf16 matmul runs at a fraction of the aligned rate, and the
+      pad is a cheap copy inside the graph. Where all are aligned, inductor pads only where
+      its own timing says so: forced, it would pad the token count too, the inner size of
+      every weight gradient, and copy the logits' gradient for it;
+    - reductions of up to 1,024 elements run in one pass over memory even where inductor
+      cannot see the row as contiguous (the relative-attention softmax reads its position
+      term through the shift);
+    - shapes_vary (translation: the batches change shape every step, so the step compiles
+      with dynamic shapes): inductor's coalescing analysis off, since torch 2.11's fails an
+      assertion there (tiling_utils.get_pw_red_splits).
+graphed_step(model, env, accum, compile_it, shape) -> step(x, y, state) or None
+    The forward and backward of a training micro-batch as CUDA graph replays, where that
+    applies (one micro-batch per step):
+    - AWD-LSTM on one GPU: 3 layers x 70 time steps are about 700 small kernels per step, and
+      launching them from Python takes longer than running them. One graph per sequence
+      length replays them all at once (GraphedLSTMStep).
+    - Transformer-XL with a memory, on any number of GPUs: the layers' forward and backward as
+      two graphs (GraphedTrunk). The embedding and the adaptive softmax, whose shapes change
+      with the tokens, run outside the graphs (compiled with --compile). The batch stays on
+      the host, so DeFINE's distinct tokens and the softmax's cluster sizes are found there
+      (define.TokenIO takes host ids) and the host never waits for the GPU. With several
+      GPUs the step does not go through DDP's forward, so its hooks never fire: one
+      all-reduce averages the gradients after the backward instead.
+    Dropout masks are drawn inside the graphs from the CUDA generator, which every replay
+    advances as an eager step would; captures restore the generator, so they draw nothing.
+"""
+import torch
+import torch.distributed as dist
+
+
+def compiled(module, model, shapes_vary=False):
+    """torch.compile(module) with the options above, chosen by `model`'s weights."""
+    import torch._inductor.config as inductor
+    options = {'force_shape_pad': any(s % 8 for p in model.parameters() if p.dim() >= 2
+                                      for s in p.shape[-2:])}
+    if shapes_vary and hasattr(inductor.triton, 'coalesce_tiling_analysis'):
+        options['triton.coalesce_tiling_analysis'] = False
+    _one_pass_rows()
+    return torch.compile(module, options=options)
+
+
+def _one_pass_rows():
+    """Inductor keeps a reduction's row in registers (one pass over memory) up to 1024
+    elements only where it sees the row contiguous, else up to 64. Set on the class, so that
+    it holds in autograd's thread too (which compiles the backward)."""
+    try:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.virtualized import V
+    except ImportError:         # another inductor: its own heuristic, a little slower
+        return
+    base = InductorChoices.should_use_persistent_reduction
+    if getattr(base, 'one_pass_rows', False):
+        return
+
+    def rule(features, cooperative_reduction):
+        import torch._inductor.config as inductor
+        return base(features, cooperative_reduction) or (
+            inductor.triton.persistent_reductions and not cooperative_reduction
+            and V.graph.sizevars.statically_known_leq(features.reduction_numel, 1024))
+    rule.one_pass_rows = True
+    InductorChoices.should_use_persistent_reduction = staticmethod(rule)
+
+
+def graphed_step(model, env, accum, compile_it, shape):
+    """A graphed replacement for train.py's step where one applies, else None. shape: the
+    (T, B) of a micro-batch (Transformer-XL captures its layers for it)."""
+    from lstm_lm import AWDLSTM
+    from txl_lm import TransformerXL
+    if env.device.type != 'cuda' or accum != 1:
+        return None
+    if isinstance(model, AWDLSTM) and env.world == 1 and not compile_it:
+        return GraphedLSTMStep(model, env.ctx)
+    if isinstance(model, TransformerXL) and model.mem_len > 0:
+        return GraphedTrunk(model, env.ctx, compile_it, shape, env.world)
+    return None
+
+
+def _capture_ctx(ctx):
+    """The autocast context `ctx` with its weight-cast cache off, as graph captures require."""
+    if isinstance(ctx, torch.autocast):
+        return torch.autocast(ctx.device, dtype=ctx.fast_dtype, cache_enabled=False)
+    return ctx
+
+
+class GraphedLSTMStep:
+    """The AWD-LSTM's forward and backward replayed from one graph per sequence length.
+
+    The graphs share one memory pool (about 60 lengths occur; a pool each would reserve
+    much more), which is safe because they never run concurrently and each graph's outputs
+    stay allocated as long as the graph does. Inputs, the carried state and the gradients
+    live in static buffers: a replay zeroes the gradients and writes them, and the call
+    hands them to the parameters' .grad. DeFINE runs on every token (no torch.unique, which
+    would wait for the host: the same outputs and gradients)."""
+
+    def __init__(self, model, ctx):
+        self.model, self.ctx = model, _capture_ctx(ctx)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.graphs, self.state, self.pool = {}, None, torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()   # warm-ups and captures on one side stream
+        model.io.dedup = False
+
+    def _fwd_bwd(self, x, y, state):
+        torch._foreach_zero_(self.grads)
+        with self.ctx:
+            loss, new = self.model(x, y, state)
+        loss.backward()
+        return loss.detach(), new
+
+    def _capture(self, x, y):
+        rng = torch.cuda.get_rng_state()
+        for p, g in zip(self.params, self.grads):   # the backward accumulates into these
+            p.grad = g
+        if self.state is None:      # static state (zeros = a fresh start)
+            with torch.no_grad(), self.ctx:
+                new = self.model(x, y, None)[1]
+            self.state = [tuple(torch.zeros_like(s) for s in hc) for hc in new]
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):  # warm-up of this shape (cuDNN plans, autograd)
+            self._fwd_bwd(x, y, self.state)
+        g = torch.cuda.CUDAGraph()
+        sx, sy = x.clone(), y.clone()
+        with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
+            loss, new = self._fwd_bwd(sx, sy, self.state)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        torch.cuda.set_rng_state(rng)
+        return g, sx, sy, loss, new
+
+    def __call__(self, x, y, state):        # x, y (T, B) on the host -> (loss, new state)
+        if x.shape not in self.graphs:
+            dev = self.grads[0].device
+            self.graphs[x.shape] = self._capture(x.to(dev), y.to(dev))
+        g, sx, sy, loss, new = self.graphs[x.shape]
+        sx.copy_(x, non_blocking=True)
+        sy.copy_(y, non_blocking=True)
+        for hc, src in zip(self.state, state or [None] * len(self.state)):
+            for s, v in zip(hc, src or [None, None]):
+                s.copy_(v) if v is not None else s.zero_()
+        g.replay()
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
+        return loss, new
+
+
+class _Flat(torch.nn.Module):   # the layers for make_graphed_callables: tensors in, tensors out
+    def __init__(self, model, trunk):
+        super().__init__()
+        self.model, self.trunk = model, trunk   # model: its parameters are the graph's inputs
+
+    def forward(self, x, *mems):
+        x, new = self.trunk(x, list(mems))
+        return (x, *new)
+
+
+class GraphedTrunk:
+    """Transformer-XL's step with its layers' forward and backward replayed from two graphs.
+
+    Captured when constructed (torch.cuda.make_graphed_callables), for segments of `shape`
+    (T, B) with a full memory (mem_len positions); other segments (the first ones, before
+    the memory is full; a short last one) run the plain model. The new memory is the graph's
+    output buffers, detached: the next call copies them into its inputs before the replay
+    overwrites them. Capture before the first training step: while an earlier step's
+    autograd graph is alive, the parameters' gradient accumulators belong to the default
+    stream, and capturing the backward fails."""
+
+    def __init__(self, model, ctx, compile_it, shape, world=1):
+        self.model, self.ctx, self.world = model, ctx, world
+        self.embed = compiled(model.embed, model) if compile_it else model.embed
+        self.loss = compiled(model.io.loss, model) if compile_it else model.io.loss
+        rng, was = torch.cuda.get_rng_state(), model.training
+        ids = torch.zeros(shape, dtype=torch.long)
+        model.eval()                                # a full memory to capture with
+        mems = None
+        with torch.no_grad(), ctx:
+            x = model.embed(ids)
+            while mems is None or mems[0].size(0) < model.mem_len:
+                mems = model.trunk(x, mems)[1]
+        model.train(was)
+        trunk = compiled(model.trunk, model) if compile_it else model.trunk
+        with _capture_ctx(ctx):
+            self.graphed = torch.cuda.make_graphed_callables(
+                _Flat(model, trunk), (x.clone().requires_grad_(), *mems), allow_unused_input=True)
+        self.shapes = (ids.shape, *(m.shape for m in mems))
+        torch.cuda.set_rng_state(rng)
+
+    def __call__(self, ids, targets, mems):     # ids, targets (T, B) on the host
+        if (ids.shape, *(m.shape for m in mems or [])) == self.shapes:
+            with self.ctx:
+                x = self.embed(ids)                 # (B, T, d)
+            out = self.graphed(x, *mems)
+            with self.ctx:
+                loss = self.loss(out[0], targets.t())
+            mems = [m.detach() for m in out[1:]]
+        else:
+            with self.ctx:
+                loss, mems = self.model(ids, targets, mems)
+        loss.backward()
+        if self.world > 1:
+            all_reduce_grads(self.model.parameters(), self.world)
+        return loss.detach(), mems
+
+
+def all_reduce_grads(params, world):
+    """Every rank's gradients averaged in one all-reduce (a parameter that got no gradient on
+    some rank counts as zeros there); the start must be equal on every rank (DDP's
+    constructor broadcasts it)."""
+    params = list(params)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
