@@ -24,10 +24,11 @@ graphed_step(model, env, accum, compile_it, shape) -> step(x, y, state) or None
       length replays them all at once (GraphedLSTMStep).
     - Transformer-XL with a memory, on any number of GPUs: the layers' forward and backward as
       two graphs (GraphedTrunk). The embedding and the adaptive softmax, whose shapes change
-      with the tokens, run outside the graphs (compiled with --compile). The batch stays on
-      the host, so DeFINE's distinct tokens and the softmax's cluster sizes are found there
-      (define.TokenIO takes host ids) and the host never waits for the GPU. With several
-      GPUs the step does not go through DDP's forward, so its hooks never fire: one
+      with the tokens, run outside the graphs. Eager, they take the batch on the host, so
+      DeFINE's distinct tokens and the softmax's cluster sizes are found there (define.TokenIO
+      takes host ids) and the host never waits for the GPU; compiled (--compile), they take
+      it on the GPU, since compiled code that took host tensors made the step slower. With
+      several GPUs the step does not go through DDP's forward, so its hooks never fire: one
       all-reduce averages the gradients after the backward instead.
     Dropout masks are drawn inside the graphs from the CUDA generator, which every replay
     advances as an eager step would; captures restore the generator, so they draw nothing.
@@ -172,7 +173,7 @@ class GraphedTrunk:
     stream, and capturing the backward fails."""
 
     def __init__(self, model, ctx, compile_it, shape, world=1):
-        self.model, self.ctx, self.world = model, ctx, world
+        self.model, self.ctx, self.world, self.compiled = model, ctx, world, compile_it
         self.embed = compiled(model.embed, model) if compile_it else model.embed
         self.loss = compiled(model.io.loss, model) if compile_it else model.io.loss
         rng, was = torch.cuda.get_rng_state(), model.training
@@ -193,6 +194,8 @@ class GraphedTrunk:
 
     def __call__(self, ids, targets, mems):     # ids, targets (T, B) on the host
         if (ids.shape, *(m.shape for m in mems or [])) == self.shapes:
+            if self.compiled:   # compiled code takes the batch on the GPU (see PERF.md)
+                ids, targets = (t.to(mems[0].device, non_blocking=True) for t in (ids, targets))
             with self.ctx:
                 x = self.embed(ids)                 # (B, T, d)
             out = self.graphed(x, *mems)
