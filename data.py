@@ -663,13 +663,17 @@ class TranslationBatches:
         self.epoch, self.batch = state['epoch'], state['batch']
 
 
-def lm_eval_batches(tokens, batch_size, seq_len):
-    """(x, y, number of targets) windows of seq_len over a split's (N,) stream, in order: a
-    model carries its state from one to the next."""
-    data = batchify(tokens, batch_size)
+def lm_eval_batches(tokens, batch_size, seq_len, max_tokens=None):
+    """(x, y, number of targets) windows of seq_len over a split's (N,) stream, in order (a
+    model carries its state from one to the next); with max_tokens, only the first windows,
+    until they hold that many targets (a quick evaluation)."""
+    data, count = batchify(tokens, batch_size), 0
     for i in range(0, len(data) - 1, seq_len):
         x, y = lm_batch(data, i, seq_len)
         yield x, y, y.numel()
+        count += y.numel()
+        if max_tokens and count >= max_tokens:
+            return
 
 
 def translation_eval_batches(split, max_tokens, pad=0):

@@ -173,7 +173,7 @@ class GraphedTrunk:
     stream, and capturing the backward fails."""
 
     def __init__(self, model, ctx, compile_it, shape, world=1):
-        self.model, self.ctx, self.world, self.compiled = model, ctx, world, compile_it
+        self.model, self.ctx, self.world, self.compile_it = model, ctx, world, compile_it
         self.embed = compiled(model.embed, model) if compile_it else model.embed
         self.loss = compiled(model.io.loss, model) if compile_it else model.io.loss
         rng, was = torch.cuda.get_rng_state(), model.training
@@ -194,7 +194,7 @@ class GraphedTrunk:
 
     def __call__(self, ids, targets, mems):     # ids, targets (T, B) on the host
         if (ids.shape, *(m.shape for m in mems or [])) == self.shapes:
-            if self.compiled:   # compiled code takes the batch on the GPU (see PERF.md)
+            if self.compile_it:   # compiled code takes the batch on the GPU (see PERF.md)
                 ids, targets = (t.to(mems[0].device, non_blocking=True) for t in (ids, targets))
             with self.ctx:
                 x = self.embed(ids)                 # (B, T, d)

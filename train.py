@@ -375,13 +375,13 @@ def load_data(cfg, env, accum=1):
     batches = D.LMBatches(train, cfg['bptt'], accum, cfg['variable_bptt'], cfg['seed'])
     size = dict(valid=cfg['eval_batch_size'], test=cfg['test_batch_size'])
     return corpus, len(corpus.vocab), batches, lambda split: D.lm_eval_batches(
-        getattr(corpus, split), size[split], cfg['eval_tgt_len'] or cfg['bptt'])
+        getattr(corpus, split), size[split], cfg['eval_tgt_len'] or cfg['bptt'], cfg['eval_max_tokens'])
 
 
 @torch.no_grad()
-def evaluate(model, batches, env, max_tokens=None):
+def evaluate(model, batches, env):
     """Mean loss per target (in eval mode: the NLL) over (x, y, n_targets) batches, the state
-    carried from one batch to the next; stops once max_tokens targets are scored."""
+    carried from one batch to the next."""
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
@@ -389,8 +389,6 @@ def evaluate(model, batches, env, max_tokens=None):
         with env.ctx:
             loss, state = model(x.to(env.device), y.to(env.device), state)
         total, count = total + loss.float() * n, count + n
-        if max_tokens and count >= max_tokens:
-            break
     model.train(was_training)
     return (total / max(count, 1)).item()
 
@@ -410,12 +408,11 @@ def eval_lengths(model, cfg):
 
 def final_eval(cfg, env, model, corpus, eval_batches, step):
     """Validation and test perplexity (translation: and the BLEU of beam search), logged."""
-    res, t0, nmt = {}, time.time(), cfg['model'] == 'nmt'
+    res, t0 = {}, time.time()
     with eval_lengths(model, cfg):
         for split in ('valid', 'test'):
-            loss = evaluate(model, eval_batches(split), env, None if nmt else cfg['eval_max_tokens'])
-            res[f'{split}_ppl'] = math.exp(loss)
-            if nmt:
+            res[f'{split}_ppl'] = math.exp(evaluate(model, eval_batches(split), env))
+            if cfg['model'] == 'nmt':
                 res[f'{split}_bleu'] = bleu(cfg, env, model, corpus, split)
     env.log('final | ' + ' | '.join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in res.items())
             + f' | {time.time() - t0:.1f} s')
@@ -490,7 +487,8 @@ def train(cfg, env):
     if env.world > 1 and env.master:
         dist.barrier()
     if cfg['vocab_size'] not in (None, vocab) and cfg['model'] != 'nmt':
-        env.log(f"note: the preset's vocab_size {cfg['vocab_size']} != the corpus's {vocab}; using {vocab}")
+        env.log(f"note: the preset's vocab_size {cfg['vocab_size']} != the corpus's {vocab}: "
+                f"using {vocab}")
     cfg['vocab_size'] = vocab
     torch.manual_seed(cfg['seed'])              # the same initial weights on every rank
     model = build_model(cfg, vocab).to(env.device)
@@ -544,8 +542,7 @@ def train(cfg, env):
     def evaluate_and_save():
         avg.swap()                              # NT-ASGD evaluates the averaged weights
         with eval_lengths(model, cfg):
-            v = evaluate(model, eval_batches('valid'), env,
-                         None if cfg['model'] == 'nmt' else cfg['eval_max_tokens'])
+            v = evaluate(model, eval_batches('valid'), env)
         best = v < st['best_val']
         if best and env.master and cfg['save']:
             save_checkpoint(Path(cfg['out_dir']) / 'best.pt', model.state_dict())
@@ -644,14 +641,14 @@ def use_embed_cache(model, log):
             f"MiB) replaces {info['input_path_params']} input-path parameters")
 
 
-def trained_model(cfg, env, vocab=None):
+def trained_model(cfg, env):
     """The model of --resume's checkpoint, with the settings that do not change it from cfg."""
     ck = load_checkpoint(cfg['resume'])
     keep = ('data_dir', 'cache_dir', 'eval_tgt_len', 'eval_mem_len', 'eval_clamp_len',
             'eval_same_length', 'eval_batch_size', 'test_batch_size', 'beam', 'lenpen',
             'max_len_b', 'out_dir', 'save')
     mcfg = dict(ck['config'], **{k: cfg[k] for k in keep})
-    model = build_model(mcfg, vocab or mcfg['vocab_size'])
+    model = build_model(mcfg, mcfg['vocab_size'])
     load_model_state(model, ck, mcfg)
     model.to(env.device).eval()
     if cfg['embed_cache']:
@@ -660,18 +657,16 @@ def trained_model(cfg, env, vocab=None):
 
 
 def translate_stdin(cfg, env):
-    ck = load_checkpoint(cfg['resume'])
+    model, mcfg, ck = trained_model(cfg, env)
     if 'vocab' not in ck:
         sys.exit(f"error: {cfg['resume']} holds no vocabulary: it is not a translation checkpoint")
-    src_vocab, tgt_vocab = ck['vocab']['src'], ck['vocab']['tgt']
-    model, mcfg, _ = trained_model(cfg, env, (len(src_vocab), len(tgt_vocab)))
-    stoi = {w: i for i, w in enumerate(src_vocab)}
+    stoi = {w: i for i, w in enumerate(ck['vocab']['src'])}
     lower = mcfg['corpus_variant'] == 'tok'     # the official Multi30k files are lowercased
     sents = [[stoi.get(w, 1) for w in (ln.lower() if lower else ln).split()] for ln in sys.stdin]
     with env.ctx:
         hyps = model.translate(sents, mcfg['beam'], mcfg['lenpen'], mcfg['max_len_b'])
     for h in hyps:
-        print(D.detokenize(h, tgt_vocab))
+        print(D.detokenize(h, ck['vocab']['tgt']))
 
 
 def eval_only(cfg, env):

@@ -241,6 +241,17 @@ def test_beam_one_is_greedy_and_beam_four_scores_at_least_greedy():
             assert s_beam >= g_scores[i] - 1e-12
 
 
+@torch.no_grad()
+def test_translate_batches_by_length_and_keeps_the_order():
+    """translate() sorts sentences by length into batches; each hypothesis equals the beam
+    search of its sentence alone, in the order the sentences came."""
+    model = _searchable_model()
+    sents = [torch.randint(4, 30, (n,)).tolist() for n in (6, 2, 8, 3, 5, 7, 1)]
+    got = model.translate(sents, beam=3, lenpen=0.6, max_len_b=3, batch_size=3)
+    for s, h in zip(sents, got):
+        assert h == model.beam_search(torch.tensor([s + [EOS]]), beam=3, lenpen=0.6, max_len_b=3)[0]
+
+
 def test_decoding_stops_at_the_length_limit_and_never_emits_pad_or_bos():
     model = _model().double().eval()
     with torch.no_grad():
