@@ -145,12 +145,9 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     def step():                             # train.py's step and optimizer update
         x, y = data[it[0] % len(data)]
         if graphed is not None:
-            loss, state[0] = graphed(x, y, state[0])
+            _, state[0] = graphed(x, y, state[0])
         else:
-            with env.ctx:
-                loss, state[0] = fwd(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True),
-                                     state[0])
-            loss.backward()
+            _, state[0] = train.forward_backward(fwd, x, y, state[0], env)
         if cfg['grad_clip']:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
         opt.step()

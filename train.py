@@ -478,6 +478,16 @@ def accumulation(cfg, world):
     return accum, f"{total} {unit} per step = {world} ranks x {accum} micro-batches x {micro}"
 
 
+def forward_backward(fwd, x, y, state, env, accum=1):
+    """Forward and backward of one micro-batch (x, y on the host) -> (its loss, the state to
+    carry on); the gradient is scaled for `accum` micro-batches per step."""
+    with env.ctx:
+        loss, state = fwd(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True),
+                          state)
+    (loss / accum).backward()
+    return loss.detach(), state
+
+
 def train(cfg, env):
     # ---- data, model, optimizer; rank 0 downloads and tokenizes while the others wait
     accum, batch_note = accumulation(cfg, env.world)
@@ -514,16 +524,8 @@ def train(cfg, env):
             if graphed is not None:
                 env.log(f"CUDA graphs: {type(graphed).__name__} (fast.py)")
 
-    def step(x, y, state):
-        """Forward and backward of one micro-batch (x, y on the host) -> (loss, the state to
-        carry on); fast.graphed_step does the same by replaying CUDA graphs."""
-        if graphed is not None:
-            return graphed(x, y, state)
-        with env.ctx:
-            loss, state = fwd(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True),
-                              state)
-        (loss / accum).backward()
-        return loss.detach(), state
+    def step(x, y, state):   # fast.graphed_step does the same by replaying CUDA graphs
+        return graphed(x, y, state) if graphed else forward_backward(fwd, x, y, state, env, accum)
 
     def save(name='ckpt.pt'):
         """Every rank's random and carried state is gathered; rank 0 writes."""
