@@ -138,6 +138,12 @@ def _upcast(x):   # softmax statistics in float32 at least (bf16 logits lose too
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _to(t, device):   # a host tensor to `device`; from page-locked memory the host does not wait
+    if t.device.type == 'cpu' and device.type == 'cuda':
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _round_up(x, multiple):
     return -(-x // multiple) * multiple
 
@@ -322,9 +328,18 @@ class AdaptiveSoftmax(nn.Module):
         (N,) for reduction='none'. target may be on the host (see TokenIO)."""
         h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
         if self.n_tail == 0:
-            return F.cross_entropy(self._logits(h, 0, inp), target.to(h.device, non_blocking=True),
-                                   ignore_index=ignore_index, reduction=reduction,
-                                   label_smoothing=label_smoothing)
+            # -log p_t = logsumexp(z) - z_t; smoothed: (1 - eps) of it plus eps times the mean
+            # of -log p_j over the vocabulary, logsumexp(z) - mean(z). Written out rather than
+            # F.cross_entropy, the backward recomputes the softmax from z and keeps no (N, V)
+            # log-probabilities; nll_loss(z, t) = -z_t picks the target's logit (0 if ignored)
+            z, target = self._logits(h, 0, inp), _to(target, h.device)
+            eps, valid = label_smoothing, target != ignore_index
+            nll = (z.logsumexp(-1) + (1 - eps) * F.nll_loss(z, target, reduction='none',
+                                                            ignore_index=ignore_index)
+                   - (eps * z.mean(-1) if eps else 0)) * valid    # (N,)
+            if reduction == 'none':
+                return nll
+            return nll.sum() if reduction == 'sum' else nll.sum() / valid.sum()
         if label_smoothing:
             raise ValueError("label smoothing needs a full softmax; pass no cutoffs")
         valid = target != ignore_index
@@ -335,8 +350,7 @@ class AdaptiveSoftmax(nn.Module):
         # of the loss, none at all where the targets are on the host
         order = torch.argsort(band, stable=True)
         counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
-        valid, target, band, order = (t.to(h.device, non_blocking=True)
-                                      for t in (valid, target, band, order))
+        valid, target, band, order = (_to(t, h.device) for t in (valid, target, band, order))
         c0 = self.bounds[1]
         head = F.log_softmax(self._logits(h, 0, inp), -1)
         head_idx = torch.where(band == 0, target, c0 + band - 1)
@@ -419,8 +433,8 @@ class TokenIO(nn.Module):
             return F.embedding(ids.to(dev), self.cached)
         if self.unit is not None and self.dedup:    # DeFINE once per distinct token
             uniq, inv = torch.unique(ids, return_inverse=True)    # uniq[inv] == ids
-            return self._input_path(uniq.to(dev, non_blocking=True), drop)[inv.to(dev, non_blocking=True)]
-        return self._input_path(ids.to(dev, non_blocking=True), drop)
+            return self._input_path(_to(uniq, dev), drop)[_to(inv, dev)]
+        return self._input_path(_to(ids, dev), drop)
 
     forward = embed
 

@@ -26,8 +26,9 @@ graphed_step(model, env, accum, compile_it, shape) -> step(x, y, state) or None
       two graphs (GraphedTrunk). The embedding and the adaptive softmax, whose shapes change
       with the tokens, run outside the graphs. Eager, they take the batch on the host, so
       DeFINE's distinct tokens and the softmax's cluster sizes are found there (define.TokenIO
-      takes host ids) and the host never waits for the GPU; compiled (--compile), they take
-      it on the GPU, since compiled code that took host tensors made the step slower. With
+      takes host ids) and the host never waits for the GPU. Compiled (--compile), the
+      embedding's input path (map, unit) and the loss are compiled; the loss takes the
+      targets on the GPU, since compiled code that took host tensors made the step slower. With
       several GPUs the step does not go through DDP's forward, so its hooks never fire: one
       all-reduce averages the gradients after the backward instead.
     Dropout masks are drawn inside the graphs from the CUDA generator, which every replay
@@ -174,8 +175,10 @@ class GraphedTrunk:
 
     def __init__(self, model, ctx, compile_it, shape, world=1):
         self.model, self.ctx, self.world, self.compile_it = model, ctx, world, compile_it
-        self.embed = compiled(model.embed, model) if compile_it else model.embed
         self.loss = compiled(model.io.loss, model) if compile_it else model.io.loss
+        if compile_it:   # the embedding stays eager around a compiled input path (map, unit),
+            # so that DeFINE's distinct tokens are found in the host batch, without a sync
+            model.io._input_path = compiled(model.io._input_path, model)
         rng, was = torch.cuda.get_rng_state(), model.training
         ids = torch.zeros(shape, dtype=torch.long)
         model.eval()                                # a full memory to capture with
@@ -194,10 +197,10 @@ class GraphedTrunk:
 
     def __call__(self, ids, targets, mems):     # ids, targets (T, B) on the host
         if (ids.shape, *(m.shape for m in mems or [])) == self.shapes:
-            if self.compile_it:   # compiled code takes the batch on the GPU (see PERF.md)
-                ids, targets = (t.to(mems[0].device, non_blocking=True) for t in (ids, targets))
+            if self.compile_it:   # the compiled loss takes its targets on the GPU (PERF.md)
+                targets = targets.to(mems[0].device, non_blocking=True)
             with self.ctx:
-                x = self.embed(ids)                 # (B, T, d)
+                x = self.model.embed(ids)           # (B, T, d)
             out = self.graphed(x, *mems)
             with self.ctx:
                 loss = self.loss(out[0], targets.t())

@@ -372,6 +372,8 @@ def load_data(cfg, env, accum=1):
                                                      cfg['max_tokens'])
     corpus = D.lm_corpus(cfg['dataset'], data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
     train = D.batchify(corpus.train, cfg['batch_size'], env.rank, env.world)    # (T, B/ranks)
+    if env.device.type == 'cuda':   # page-locked: copies of its slices to the GPU run async
+        train = train.pin_memory()
     batches = D.LMBatches(train, cfg['bptt'], accum, cfg['variable_bptt'], cfg['seed'])
     size = dict(valid=cfg['eval_batch_size'], test=cfg['test_batch_size'])
     return corpus, len(corpus.vocab), batches, lambda split: D.lm_eval_batches(

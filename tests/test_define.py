@@ -247,8 +247,9 @@ def test_log_probs_normalised_and_loss_is_their_nll(kind, cfg):
     torch.testing.assert_close(io.loss(h, y, reduction='sum'), nll.flatten()[keep].sum())
 
 
+@pytest.mark.parametrize("reduction", ['mean', 'sum', 'none'])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_full_softmax_loss_equals_cross_entropy_of_tied_logits(eps):
+def test_full_softmax_loss_equals_cross_entropy_of_tied_logits(eps, reduction):
     """The full softmax's logits are h @ table^T + bias: its loss is torch's cross entropy
     of them (label smoothing, ignored targets), and so are the gradients."""
     io = _io('standard', cutoffs=[])
@@ -257,13 +258,13 @@ def test_full_softmax_loss_equals_cross_entropy_of_tied_logits(eps):
     h = torch.randn(4, 6, 24, dtype=torch.double, requires_grad=True)
     y = torch.randint(0, 120, (4, 6))
     y[0] = 7                                   # the ignored index, also a real class
-    args = dict(ignore_index=7, label_smoothing=eps)
+    args = dict(ignore_index=7, label_smoothing=eps, reduction=reduction)
     got = io.loss(h, y, **args)
     logits = h @ io.map.tables[0].T + io.out.bias
     want = F.cross_entropy(logits.reshape(-1, 120), y.reshape(-1), **args)
     torch.testing.assert_close(got, want)
-    params = [h, io.map.tables[0], io.out.bias]
-    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+    params, g = [h, io.map.tables[0], io.out.bias], torch.randn_like(want, dtype=torch.double)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
         torch.testing.assert_close(a, b)
 
 
