@@ -65,6 +65,13 @@ class AWDLSTM(nn.Module):
             return y, (h, c)
 
     def forward(self, ids, targets, state=None):   # ids, targets: (T, B)
+        if state is not None:   # torch.lstm checks no sizes: a wrong state would crash the process
+            shapes = [[tuple(s.shape) for s in hc] for hc in state]
+            if len(state) != len(self.rnns) or any(
+                    sh != [(1, ids.size(1), rnn.hidden_size)] * 2 for sh, rnn in zip(shapes, self.rnns)):
+                raise ValueError(f"the carried state has shapes {shapes}; a batch of {ids.size(1)} "
+                                 f"streams needs {len(self.rnns)} (h, c) pairs (1, {ids.size(1)}, "
+                                 f"hidden): pass None to start afresh")
         x = self.io.embed(ids, drop=self.dropoute if self.training else 0.0)   # (T, B, d_embed)
         x = locked_dropout(x, self.dropouti, self.training)
         new_state = []

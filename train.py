@@ -19,10 +19,13 @@ imported only with --cuda-graphs (on a GPU) or --compile; the loop is the same e
 """
 import argparse
 import ast
+import difflib
 import json
 import math
 import os
+import re
 import runpy
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -97,8 +100,11 @@ DEFAULTS = dict(
     # --- logging, evaluation, checkpoints
     log_interval=50, eval_interval=None,   # steps (None: evaluate once per epoch)
     eval_max_tokens=None,     # cap tokens per validation pass (None: the whole split)
-    eval_only=False, resume=None, count_params=False,
+    eval_only=False, count_params=False,
+    resume=None,              # a checkpoint or its folder: continue it with its own settings
     save=True,                # checkpoints (metrics.jsonl is always written)
+    save_interval=None,       # steps between checkpoints (None: at every evaluation)
+    overwrite=False,          # a new run may replace the run in out_dir
     embed_cache=False,        # --eval-only, --translate: replace the input path by its table
 )
 CHOICES = dict(model=('lstm', 'txl', 'nmt'), embed=('standard', 'projective', 'adaptive', 'define'),
@@ -108,39 +114,112 @@ CHOICES = dict(model=('lstm', 'txl', 'nmt'), embed=('standard', 'projective', 'a
 
 # ------------------------------------------------------------------------------ settings
 
+# settings a resumed run may change; the others (model shape, batching, optimizer, data) would
+# break it, and --resume takes them from the checkpoint
+RESUMABLE = {'max_epochs', 'max_iters', 'log_interval', 'eval_interval', 'save_interval',
+             'eval_max_tokens', 'eval_batch_size', 'test_batch_size', 'eval_tgt_len',
+             'eval_mem_len', 'eval_clamp_len', 'eval_same_length', 'data_dir', 'cache_dir',
+             'out_dir', 'device', 'dtype', 'compile', 'cuda_graphs', 'save', 'embed_cache',
+             'beam', 'lenpen', 'max_len_b', 'bleu_tokenize', 'avg_last', 'lr', 'grad_clip',
+             'translate', 'eval_only', 'count_params', 'resume', 'overwrite', 'config'}
+POSITIVE = ('batch_size', 'micro_batch', 'bptt', 'd_model', 'n', 'k', 'm', 'depth', 'g_max',
+            'lstm_hidden', 'lstm_layers', 'n_layer', 'n_head', 'd_head', 'd_inner', 'enc_layers',
+            'dec_layers', 'd_ff', 'max_tokens', 'batch_tokens', 'eval_batch_size',
+            'test_batch_size', 'eval_max_tokens', 'beam', 'log_interval', 'save_interval')
+
+
 def get_config(argv):
     """DEFAULTS <- preset <- command line: `--key value`, `--key=value`, `--flag` or `key=value`
-    (under torchrun, whose own options swallow abbreviations like --n and --m, use n=128)."""
-    ap = argparse.ArgumentParser(usage='train.py [--key value | --key=value | key=value ...]',
+    (under torchrun, whose own options swallow abbreviations like --n and --m, use n=128).
+    With --resume, the checkpoint's settings replace DEFAULTS and the preset."""
+    ap = argparse.ArgumentParser(prog='train.py', usage='train.py [--key value | --key=value | key=value ...]',
                                  description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups, comments = _comments()
+    sections = {g: ap.add_argument_group(g) for g in dict.fromkeys(groups.values())}
     for key, default in DEFAULTS.items():
         flag = isinstance(default, bool)
-        ap.add_argument('--' + key.replace('_', '-'), dest=key, default=argparse.SUPPRESS,
-                        type=_parser(default), nargs='?' if flag else None, const=True if flag else None,
-                        metavar='BOOL' if flag else 'VALUE', help=f'default: {default!r}')
-    args = vars(ap.parse_args([_option(a) for a in argv]))
+        sections[groups[key]].add_argument(
+            '--' + key.replace('_', '-'), dest=key, default=argparse.SUPPRESS, type=_parser(default),
+            nargs='?' if flag else None, const=True if flag else None,
+            metavar='BOOL' if flag else 'VALUE', help=f"{comments.get(key, '')} (default: {default!r})")
+    argv = [_option(a) for a in argv]
+    for a in argv:   # a typo gets a suggestion, not argparse's list of everything it missed
+        name = a[2:].partition('=')[0].replace('-', '_')
+        if a.startswith('--') and name not in DEFAULTS and name != 'help':
+            near = difflib.get_close_matches(name, DEFAULTS, 1)
+            ap.error(f"unknown setting {a.partition('=')[0]}" +
+                     (f"; did you mean --{near[0].replace('_', '-')}?" if near else
+                      "; python train.py --help lists them all"))
+    args = vars(ap.parse_args(argv))
+    if args.get('resume'):
+        return _check(_resumed(args))
     cfg = dict(DEFAULTS)
     preset = args.get('config') or DEFAULT_PRESET.get(args.get('model', cfg['model']))
     if preset:
         path = ROOT / 'config' / f'{preset}.py'
-        if not path.exists():
+        if not path.exists() or path.parent.name != 'config' or '/' in preset or '\\' in preset:
             sys.exit(f"error: no preset {preset!r}; choose one of "
-                     f"{sorted(p.stem for p in path.parent.glob('*.py'))}")
+                     f"{sorted(p.stem for p in (ROOT / 'config').glob('*.py'))}")
         for key, val in runpy.run_path(str(path)).items():
             if not key.startswith('_'):
                 if key not in DEFAULTS:
                     sys.exit(f"error: preset {path.name} sets unknown key {key!r}")
                 cfg[key] = val
     cfg.update(args, config=preset)
+    return _check(cfg)
+
+
+def _resumed(args):
+    """The checkpoint's settings, with those of the command line that may change."""
+    path = Path(args['resume'])
+    path = path / 'ckpt.pt' if path.is_dir() else path
+    old = load_checkpoint(path)['config']
+    fixed = {k: v for k, v in args.items() if k not in RESUMABLE and old.get(k, v) != v}
+    if fixed:
+        sys.exit(f"error: {path} was trained with " + ', '.join(f"{k}={old[k]!r}" for k in fixed)
+                 + f"; --resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
+                 f" (start a new run in another --out-dir instead)")
+    cfg = dict(DEFAULTS, **{k: v for k, v in old.items() if k in DEFAULTS})
+    cfg.update(out_dir=str(path.parent), save_interval=None, overwrite=False)
+    return dict(cfg, **dict(args, resume=str(path)))
+
+
+def _check(cfg):   # one clear line for a value that would fail later, or silently
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             sys.exit(f"error: --{key} {cfg[key]!r} unknown; choose one of {choices}")
+    for key, val in cfg.items():
+        want = type(DEFAULTS[key])
+        if val is not None and DEFAULTS[key] is not None and not isinstance(val, want) and not (
+                want is float and isinstance(val, int)) and not (want is list and isinstance(val, tuple)):
+            sys.exit(f"error: --{key.replace('_', '-')} {val!r} is not a{'n' if want is int else ''} "
+                     f"{want.__name__} (default: {DEFAULTS[key]!r})")
+    for key in POSITIVE:
+        if cfg[key] is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
+            sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be a positive whole number")
+    for key in ('out_dir', 'cache_dir', 'data_dir'):
+        if cfg[key] is not None and Path(cfg[key]).exists() and not Path(cfg[key]).is_dir():
+            sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]} is a file; name a folder")
     known = D.PARALLEL_CORPORA if cfg['model'] == 'nmt' else D.LM_CORPORA
     if cfg['dataset'] not in known:
         sys.exit(f"error: --dataset {cfg['dataset']!r} unknown for --model {cfg['model']}; "
                  f"choose one of {sorted(known)}")
     return cfg
+
+
+def _comments():
+    """--help's groups and texts: the section headers and comments of DEFAULTS above."""
+    groups, comments, group = {}, {}, None
+    src = Path(__file__).read_text().split('DEFAULTS = dict(\n', 1)[1].split('\n)', 1)[0]
+    for line in src.splitlines():
+        code, _, note = line.partition('#')
+        if not code.strip() and note.startswith(' ---'):
+            group = note.strip(' -')
+            continue
+        for key in re.findall(r'(\w+)=', code):
+            comments[key], groups[key] = note.strip(), group
+    return groups, comments
 
 
 def _option(arg):   # key=value and --some_key -> --some-key (argparse's spelling)
@@ -156,10 +235,14 @@ def _parser(default):
             if text.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
                 raise argparse.ArgumentTypeError(f"{text!r} is not a switch value; use True or False")
             return text.lower() in ('true', '1', 'yes')
-        try:
-            return text if isinstance(default, str) else ast.literal_eval(text)  # numbers, lists
-        except (ValueError, SyntaxError):
+        if isinstance(default, str):
             return text
+        try:                                  # numbers, lists, None
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            if default is None:               # a name (a path, a preset)
+                return text
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {type(default).__name__}")
     return parse
 
 
@@ -293,7 +376,7 @@ class Averager:
 
 def save_checkpoint(path, obj):
     """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = Path(path).with_name(Path(path).name + '.tmp')
+    tmp = Path(path).with_name(f'{Path(path).name}.tmp{os.getpid()}')   # no two writers collide
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -461,7 +544,9 @@ def setup(cfg):
         if master:
             out.mkdir(parents=True, exist_ok=True)
             with open(out / 'metrics.jsonl', 'a') as f:
-                f.write(json.dumps(dict(time=round(time.time(), 3), **row)) + '\n')
+                row = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in row.items()}   # strict JSON: no NaN or Infinity
+                f.write(json.dumps(dict(time=round(time.time(), 3), **row), allow_nan=False) + '\n')
 
     return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device,
                            master=master, log=log, metrics=metrics,
@@ -490,9 +575,28 @@ def forward_backward(fwd, x, y, state, env, accum=1):
     return loss.detach(), state
 
 
+RUN_FILES = ('ckpt*.pt', 'best.pt', 'metrics.jsonl')
+
+
+def claim_out_dir(cfg, env):
+    """A new run never mixes with another run's files: it refuses a folder that holds one,
+    or (--overwrite True) deletes them first. A resumed run writes beside its checkpoint."""
+    out = Path(cfg['out_dir'])
+    if cfg['resume'] and out.resolve() == Path(cfg['resume']).resolve().parent:
+        return
+    found = sorted(p.name for pat in RUN_FILES for p in out.glob(pat))
+    if found and not cfg['overwrite']:
+        sys.exit(f"error: {out} holds another run ({', '.join(found[:4])}); --resume {out} "
+                 f"continues it, --out-dir DIR starts elsewhere, --overwrite True replaces it")
+    if found and env.master:
+        for name in found:
+            (out / name).unlink()
+
+
 def train(cfg, env):
     # ---- data, model, optimizer; rank 0 downloads and tokenizes while the others wait
     accum, batch_note = accumulation(cfg, env.world)
+    claim_out_dir(cfg, env)
     if env.world > 1 and not env.master:
         dist.barrier()
     corpus, vocab, batches, eval_batches = load_data(cfg, env, accum)
@@ -530,7 +634,12 @@ def train(cfg, env):
         return graphed(x, y, state) if graphed else forward_backward(fwd, x, y, state, env, accum)
 
     def save(name='ckpt.pt'):
-        """Every rank's random and carried state is gathered; rank 0 writes."""
+        """Every rank's random and carried state is gathered; rank 0 writes. Non-finite
+        weights are never written: the run stops and the last good checkpoint stays."""
+        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+            env.log(f"error: the weights are not finite at step {st['step']}; nothing written, "
+                    f"the last good checkpoint is kept: resume from it with a lower --lr or --grad-clip")
+            raise SystemExit(2)
         mine = dict(rng_cpu=torch.get_rng_state(), states=[to(s, 'cpu') for s in states],
                     rng_cuda=torch.cuda.get_rng_state() if env.device.type == 'cuda' else None)
         per_rank = [mine] * env.world
@@ -549,7 +658,8 @@ def train(cfg, env):
             v = evaluate(model, eval_batches('valid'), env)
         best = v < st['best_val']
         if best and env.master and cfg['save']:
-            save_checkpoint(Path(cfg['out_dir']) / 'best.pt', model.state_dict())
+            save_checkpoint(Path(cfg['out_dir']) / 'best.pt',
+                            dict(model=model.state_dict(), config=cfg, train=st))
         avg.swap()
         check_finite(v, st['step'], env.log)
         env.log(f"eval | step {st['step']} | epoch {batches.epoch} | valid loss {v:.3f} | "
@@ -568,11 +678,22 @@ def train(cfg, env):
             save(f"ckpt{st['step']}.pt")
         save()
 
+    def share_done():   # of the run, by whichever stop point comes first
+        shares = [0.0]
+        if cfg['max_iters']:
+            shares.append(st['step'] / cfg['max_iters'])
+        if cfg['max_epochs']:
+            shares.append((batches.epoch + batches.progress) / cfg['max_epochs'])
+        return max(shares)
+
     # ---- the loop: every model, `accum` micro-batches per optimizer step
+    stop, handler = [], signal.getsignal(signal.SIGINT)
+    if env.world == 1:   # Ctrl-C: finish the step, save, exit (DDP ranks could stop apart)
+        signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, handler)))
     model.train()
-    t0 = t_epoch = time.time()
-    loss_sum, n_steps, tokens = torch.zeros((), device=env.device), 0, 0
-    while not ((cfg['max_iters'] is not None and st['step'] >= cfg['max_iters']) or
+    t0 = t_epoch = t_run = time.time()
+    done0, loss_sum, n_steps, tokens = share_done(), torch.zeros((), device=env.device), 0, 0
+    while not (stop or (cfg['max_iters'] is not None and st['step'] >= cfg['max_iters']) or
                (cfg['max_epochs'] is not None and batches.epoch >= cfg['max_epochs'])):
         batch = batches.next()
         if batch is None:                       # the end of an epoch
@@ -600,31 +721,43 @@ def train(cfg, env):
         if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1 or time.time() - t0 > 60:
             if env.world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            train_loss, dt = loss_sum.item() / n_steps, time.time() - t0
+            train_loss, dt, done = loss_sum.item() / n_steps, time.time() - t0, share_done()
             check_finite(train_loss, st['step'], env.log)
-            env.log(f"step {st['step']:>7} | epoch {batches.epoch + 1} {batches.progress:4.0%} | "
-                    f"loss {train_loss:.3f} | lr {lr:.3g} | {1000 * dt / n_steps:6.1f} ms/step | "
-                    f"{tokens / dt:8.0f} tok/s")
+            eta = (time.time() - t_run) * (1 - done) / (done - done0) if done > done0 else None
+            env.log(f"step {st['step']:>7}{'/' + str(cfg['max_iters']) if cfg['max_iters'] else ''} | "
+                    f"epoch {batches.epoch + 1} {batches.progress:4.0%} | loss {train_loss:.3f} | "
+                    f"lr {lr:.3g} | {1000 * dt / n_steps:6.1f} ms/step | {tokens / dt:8.0f} tok/s"
+                    + (f" | eta {eta / 60:.1f} min" if eta is not None else ''))
             env.metrics(step=st['step'], tokens=st['tokens'], train_loss=train_loss, lr=lr,
                         tok_s=tokens / dt)
             t0, n_steps, tokens = time.time(), 0, 0
             loss_sum.zero_()
         if cfg['eval_interval'] and st['step'] % cfg['eval_interval'] == 0:
             evaluate_and_save()
+        elif cfg['save_interval'] and st['step'] % cfg['save_interval'] == 0:
+            save()
+    signal.signal(signal.SIGINT, handler)
     save()
+    out = Path(cfg['out_dir'])
+    if stop:
+        env.log(f"interrupted at step {st['step']}: " + (
+            f"{out / 'ckpt.pt'} written; python train.py --resume {out} continues the run"
+            if cfg['save'] else "nothing written (--save False)"))
+        raise SystemExit(130)
 
     # ---- the final evaluation: of averaged checkpoints, else of the best validated weights
-    out = Path(cfg['out_dir'])
     if cfg['avg_last'] and cfg['save']:
         import nmt
         paths = sorted(out.glob('ckpt[0-9]*.pt'), key=lambda p: int(p.stem[4:]))[-cfg['avg_last']:]
         model.load_state_dict(nmt.average_checkpoints(paths))
         env.log(f"averaged {len(paths)} checkpoints: {[p.name for p in paths]}")
     elif cfg['save'] and (out / 'best.pt').exists():
-        model.load_state_dict(torch.load(out / 'best.pt', map_location=env.device, weights_only=True))
+        model.load_state_dict(load_checkpoint(out / 'best.pt')['model'])
     else:
         avg.swap()
-    return final_eval(cfg, env, model, corpus, eval_batches, st['step'])
+    res = final_eval(cfg, env, model, corpus, eval_batches, st['step'])
+    env.log(f"wrote {', '.join(str(p) for pat in RUN_FILES for p in sorted(out.glob(pat)))}")
+    return res
 
 
 def check_finite(loss, step, log):
@@ -646,37 +779,33 @@ def use_embed_cache(model, log):
 
 
 def trained_model(cfg, env):
-    """The model of --resume's checkpoint, with the settings that do not change it from cfg."""
+    """The model of --resume's checkpoint (ckpt.pt or best.pt; cfg holds its settings)."""
     ck = load_checkpoint(cfg['resume'])
-    keep = ('data_dir', 'cache_dir', 'eval_tgt_len', 'eval_mem_len', 'eval_clamp_len',
-            'eval_same_length', 'eval_batch_size', 'test_batch_size', 'beam', 'lenpen',
-            'max_len_b', 'out_dir', 'save')
-    mcfg = dict(ck['config'], **{k: cfg[k] for k in keep})
-    model = build_model(mcfg, mcfg['vocab_size'])
-    load_model_state(model, ck, mcfg)
+    model = build_model(cfg, cfg['vocab_size'])
+    load_model_state(model, ck, cfg)
     model.to(env.device).eval()
     if cfg['embed_cache']:
         use_embed_cache(model, env.log)
-    return model, mcfg, ck
+    return model, ck
 
 
 def translate_stdin(cfg, env):
-    model, mcfg, ck = trained_model(cfg, env)
+    model, ck = trained_model(cfg, env)
     if 'vocab' not in ck:
         sys.exit(f"error: {cfg['resume']} holds no vocabulary: it is not a translation checkpoint")
     stoi = {w: i for i, w in enumerate(ck['vocab']['src'])}
-    lower = mcfg['corpus_variant'] == 'tok'     # the official Multi30k files are lowercased
+    lower = cfg['corpus_variant'] == 'tok'     # the official Multi30k files are lowercased
     sents = [[stoi.get(w, 1) for w in (ln.lower() if lower else ln).split()] for ln in sys.stdin]
     with env.ctx:
-        hyps = model.translate(sents, mcfg['beam'], mcfg['lenpen'], mcfg['max_len_b'])
+        hyps = model.translate(sents, cfg['beam'], cfg['lenpen'], cfg['max_len_b'])
     for h in hyps:
         print(D.detokenize(h, ck['vocab']['tgt']))
 
 
 def eval_only(cfg, env):
-    model, mcfg, ck = trained_model(cfg, env)
-    corpus, _, _, eval_batches = load_data(mcfg, env)
-    return final_eval(mcfg, env, model, corpus, eval_batches, ck['train']['step'])
+    model, ck = trained_model(cfg, env)
+    corpus, _, _, eval_batches = load_data(cfg, env)
+    return final_eval(cfg, env, model, corpus, eval_batches, ck['train']['step'])
 
 
 def count_only(cfg):
@@ -698,7 +827,7 @@ def main(argv=None):
         sys.exit(f"error: --{'translate' if cfg['translate'] else 'eval-only'} needs --resume CHECKPOINT")
     env = setup(cfg)
     if not cfg['translate']:
-        env.log('config ' + json.dumps(cfg, sort_keys=True))
+        env.log('settings: ' + ' '.join(f'{k}={v!r}' for k, v in cfg.items() if v != DEFAULTS[k]))
     try:
         if cfg['translate']:
             return translate_stdin(cfg, env)
@@ -712,6 +841,6 @@ if __name__ == '__main__':
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("interrupted: the last checkpoint in the output folder is intact (--resume it)")
+        sys.exit("interrupted: checkpoints already written are intact (they are written whole or not at all)")
     except (D.DataError, ValueError) as e:     # bad input: the message names the fix
         sys.exit(f"error: {e}")

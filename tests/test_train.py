@@ -3,6 +3,7 @@ resume, DDP against a single process, and the errors a user meets."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -88,6 +89,7 @@ def test_help_lists_every_setting(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     assert all('--' + key.replace('_', '-') in out for key in train.DEFAULTS)
+    assert 'token representation' in out and 'map width' in out   # DEFAULTS' sections, comments
 
 
 # ------------------------------------------------------------------ errors
@@ -96,6 +98,13 @@ def test_help_lists_every_setting(capsys):
     (['--model', 'gru'], "--model 'gru' unknown"),
     (['--embed', 'sparse'], "--embed 'sparse' unknown"),
     (['--config', 'nope'], "no preset 'nope'"),
+    (['--config', '../config/ptb_awd_lstm'], "no preset"),
+    (['--device', 'gpu'], "--device 'gpu' unknown"),
+    (['--batch-size', '0'], "--batch-size 0 must be a positive whole number"),
+    (['--bptt', '-5'], "--bptt -5 must be a positive"),
+    (['--d-model', '0'], "--d-model 0 must be"),
+    (['--batch-size', '2.5'], "--batch-size 2.5 is not an int"),
+    (['--out-dir', __file__], "is a file"),
 ])
 def test_bad_settings_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
@@ -103,7 +112,10 @@ def test_bad_settings_exit_with_a_message(argv, match):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (['--bogus', '1'], "unrecognized arguments: --bogus"),
+    (['--bogus', '1'], "unknown setting --bogus"),
+    (['--max-iter', '5'], "unknown setting --max-iter; did you mean --max-iters?"),
+    (['--lr', 'abc'], "'abc' is not a float"),
+    (['--cutoffs', 'abc'], "'abc' is not a list"),
     (['--compile', 'maybe'], "'maybe' is not a switch value"),
     (['--n'], "expected one argument"),
 ])
@@ -125,8 +137,13 @@ def test_corrupt_and_mismatched_checkpoints(data_root, cache, tmp_path):
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
         run(args + ['--resume', bad, '--max-iters', '1'])
     run(args + ['--max-iters', '1'])
-    with pytest.raises(SystemExit, match="does not fit this model.*lstm_hidden"):
+    with pytest.raises(SystemExit, match="lstm_hidden=24; --resume cannot change --lstm-hidden"):
         run(args + ['--resume', tmp_path / 'ckpt.pt', '--lstm-hidden', '20', '--max-iters', '2'])
+    ck = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ck['config']['lstm_hidden'] = 20            # a checkpoint whose weights do not fit its settings
+    torch.save(ck, tmp_path / 'odd.pt')
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        run(['--resume', tmp_path / 'odd.pt', '--max-iters', '2'])
 
 
 # ------------------------------------------------------------------ the loop
@@ -138,7 +155,7 @@ def test_tiny_lstm_learns_real_ptb(data_root, cache, tmp_path, capsys):
     losses = [r['train_loss'] for r in rows if 'train_loss' in r]
     assert losses[-1] < losses[0] - 1.0, losses             # from ln(10000) = 9.2 down
     assert math.isfinite(res['test_ppl']) and res['test_ppl'] < 10000
-    assert 'params define=' in out and 'config {' in out
+    assert 'params define=' in out and 'settings: ' in out and 'step      60/60 |' in out
     assert {'step', 'tokens', 'train_loss', 'lr', 'tok_s'} <= set(rows[1])
 
 
@@ -189,6 +206,78 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, cache, tmp
     assert e.value.code == 2
     assert 'the loss is' in capsys.readouterr().out
     assert (tmp_path / 'ckpt.pt').read_bytes() == good
+
+
+def strict_json_rows(path):
+    def reject(c):
+        raise ValueError(f"{c} is not JSON")
+    return [json.loads(r, parse_constant=reject) for r in path.read_text().splitlines()]
+
+
+def test_nan_after_the_last_log_step_writes_no_checkpoint(data_root, cache, tmp_path, capsys):
+    """The weights turn non-finite between log steps: the run's last save refuses, the good
+    checkpoint stays, metrics.jsonl stays strict JSON."""
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path]
+    run(args + ['--max-iters', '2'])
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(args + ['--max-iters', '4', '--resume', tmp_path, '--lr', '1e38', '--grad-clip', '0',
+                    '--log-interval', '1000'])
+    assert e.value.code == 2 and 'the weights are not finite' in capsys.readouterr().out
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good
+    strict_json_rows(tmp_path / 'metrics.jsonl')
+
+
+def test_a_carried_state_of_the_wrong_shape_is_refused(data_root, cache, tmp_path):
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path]
+    run(args + ['--max-iters', '2'])
+    with pytest.raises(SystemExit, match="batch_size=4; --resume cannot change --batch-size"):
+        run(args + ['--max-iters', '4', '--resume', tmp_path, '--batch-size', '8'])
+    ck = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ck['per_rank'][0]['states'][0] = [(h[:, :3], c[:, :3]) for h, c in ck['per_rank'][0]['states'][0]]
+    torch.save(ck, tmp_path / 'ckpt.pt')                 # as if written by another batch size
+    with pytest.raises(ValueError, match="carried state has shapes"):
+        run(args + ['--max-iters', '4', '--resume', tmp_path])
+
+
+def test_a_new_run_never_mixes_with_another_runs_files(data_root, cache, tmp_path, capsys):
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path]
+    run(args + ['--max-iters', '2'])
+    with pytest.raises(SystemExit, match="holds another run .*--overwrite True replaces it"):
+        run(args + ['--max-iters', '2', '--lr', '5'])
+    run(args + ['--max-iters', '3', '--overwrite', 'True'])
+    rows = strict_json_rows(tmp_path / 'metrics.jsonl')
+    assert max(r['step'] for r in rows) == 3 and not [r for r in rows if r['step'] == 2 and 'final' in r]
+
+
+def test_resume_takes_the_checkpoints_settings_and_best_pt_evaluates(data_root, cache, tmp_path, capsys):
+    """--resume DIR alone continues a PTB run (not the default preset's WikiText-2), and
+    best.pt serves --eval-only."""
+    run(TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                     '--max-iters', '4', '--eval-interval', '2'])
+    res, out = run(['--resume', tmp_path, '--max-iters', '6', '--cache-dir', cache,
+                    '--data-dir', data_root], capsys)
+    assert 'resumed from' in out and "dataset='ptb'" in out and 'step       5/6' in out
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['train']['step'] == 6
+    ev, _ = run(['--eval-only', '--resume', tmp_path / 'best.pt', '--cache-dir', cache,
+                 '--data-dir', data_root, '--out-dir', tmp_path / 'eval'], capsys)
+    assert math.isfinite(ev['test_ppl'])
+
+
+def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path):
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                        '--log-interval', '1', '--max-iters', '100000']
+    p = subprocess.Popen([sys.executable, str(ROOT / 'train.py')] + [str(a) for a in args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in p.stdout:                               # wait for training to run
+        if line.startswith('step       3'):
+            break
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, out
+    assert f"{tmp_path / 'ckpt.pt'} written; python train.py --resume {tmp_path}" in out
+    step = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['train']['step']
+    assert step >= 3 and f'interrupted at step {step}' in out
 
 
 def test_averager_is_the_mean_of_the_iterates():
