@@ -17,13 +17,9 @@ model is called the same way, `loss, state = model(x, y, state)` (state: the LST
 state, Transformer-XL's memory, nothing for translation). fast.py (CUDA graphs, compile) is
 imported only with --cuda-graphs (on a GPU) or --compile; the loop is the same either way.
 """
-import argparse
-import ast
-import difflib
 import json
 import math
 import os
-import re
 import runpy
 import signal
 import sys
@@ -37,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
+import settings
 from define import DeFINE, TokenIO, count_params
 
 ROOT = Path(__file__).resolve().parent
@@ -132,28 +129,9 @@ def get_config(argv):
     """DEFAULTS <- preset <- command line: `--key value`, `--key=value`, `--flag` or `key=value`
     (under torchrun, whose own options swallow abbreviations like --n and --m, use n=128).
     With --resume, the checkpoint's settings replace DEFAULTS and the preset."""
-    ap = argparse.ArgumentParser(prog='train.py', usage='train.py [--key value | --key=value | key=value ...]',
-                                 description=__doc__, allow_abbrev=False,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups, comments = _comments()
-    sections = {g: ap.add_argument_group(g) for g in dict.fromkeys(groups.values())}
-    for key, default in DEFAULTS.items():
-        flag = isinstance(default, bool)
-        sections[groups[key]].add_argument(
-            '--' + key.replace('_', '-'), dest=key, default=argparse.SUPPRESS, type=_parser(default),
-            nargs='?' if flag else None, const=True if flag else None,
-            metavar='BOOL' if flag else 'VALUE', help=f"{comments.get(key, '')} (default: {default!r})")
-    argv = [_option(a) for a in argv]
-    for a in argv:   # a typo gets a suggestion, not argparse's list of everything it missed
-        name = a[2:].partition('=')[0].replace('-', '_')
-        if a.startswith('--') and name not in DEFAULTS and name != 'help':
-            near = difflib.get_close_matches(name, DEFAULTS, 1)
-            ap.error(f"unknown setting {a.partition('=')[0]}" +
-                     (f"; did you mean --{near[0].replace('_', '-')}?" if near else
-                      "; python train.py --help lists them all"))
-    args = vars(ap.parse_args(argv))
+    args = settings.parse(argv, DEFAULTS, __doc__, Path(__file__))
     if args.get('resume'):
-        return _check(_resumed(args))
+        return check(_resumed(args))
     cfg = dict(DEFAULTS)
     preset = args.get('config') or DEFAULT_PRESET.get(args.get('model', cfg['model']))
     if preset:
@@ -167,7 +145,7 @@ def get_config(argv):
                     sys.exit(f"error: preset {path.name} sets unknown key {key!r}")
                 cfg[key] = val
     cfg.update(args, config=preset)
-    return _check(cfg)
+    return check(cfg)
 
 
 def _resumed(args):
@@ -185,7 +163,7 @@ def _resumed(args):
     return dict(cfg, **dict(args, resume=str(path)))
 
 
-def _check(cfg):   # one clear line for a value that would fail later, or silently
+def check(cfg):   # one clear line for a value that would fail later, or silently
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             sys.exit(f"error: --{key} {cfg[key]!r} unknown; choose one of {choices}")
@@ -206,44 +184,6 @@ def _check(cfg):   # one clear line for a value that would fail later, or silent
         sys.exit(f"error: --dataset {cfg['dataset']!r} unknown for --model {cfg['model']}; "
                  f"choose one of {sorted(known)}")
     return cfg
-
-
-def _comments():
-    """--help's groups and texts: the section headers and comments of DEFAULTS above."""
-    groups, comments, group = {}, {}, None
-    src = Path(__file__).read_text().split('DEFAULTS = dict(\n', 1)[1].split('\n)', 1)[0]
-    for line in src.splitlines():
-        code, _, note = line.partition('#')
-        if not code.strip() and note.startswith(' ---'):
-            group = note.strip(' -')
-            continue
-        for key in re.findall(r'(\w+)=', code):
-            comments[key], groups[key] = note.strip(), group
-    return groups, comments
-
-
-def _option(arg):   # key=value and --some_key -> --some-key (argparse's spelling)
-    name, eq, value = arg.lstrip('-').partition('=')
-    if arg.startswith('--') or (eq and name.replace('-', '_') in DEFAULTS):
-        return '--' + name.replace('_', '-') + eq + value
-    return arg
-
-
-def _parser(default):
-    def parse(text):
-        if isinstance(default, bool):         # 'false' must not turn a switch on
-            if text.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
-                raise argparse.ArgumentTypeError(f"{text!r} is not a switch value; use True or False")
-            return text.lower() in ('true', '1', 'yes')
-        if isinstance(default, str):
-            return text
-        try:                                  # numbers, lists, None
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            if default is None:               # a name (a path, a preset)
-                return text
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {type(default).__name__}")
-    return parse
 
 
 # ------------------------------------------------------------------------------ building
