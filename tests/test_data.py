@@ -4,8 +4,12 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
+import os
+import shutil
 import socket
 import threading
+import time
 import zipfile
 from types import SimpleNamespace
 
@@ -110,6 +114,7 @@ def _write(path, text):
 
 
 def test_lm_original_names_order_oov_and_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.LM_CORPORA, 'ptb', dict(data.LM_CORPORA['ptb'], checksums=(None,) * 3))  # not the real PTB
     d = tmp_path / 'src' / 'ptb'
     _write(d / 'ptb.train.txt', ' b a <unk>\n\n c a b\n')  # a blank line still gets its <eos>
     _write(d / 'ptb.valid.txt', ' a z\n')
@@ -164,13 +169,18 @@ def test_missing_corpus_errors_are_actionable(tmp_path):
         parallel_corpus('multi30k', max_vocab=4, cache_dir=tmp_path)
 
 
-def test_wmt_layout_shipped_vocab_and_split_names(tmp_path):
+def _tiny_wmt(tmp_path):
     d = tmp_path / 'src' / 'wmt14_en_de'
     for stem in ('train', 'newstest2012', 'newstest2013', 'newstest2014', 'newstest2015'):
         _write(d / f'{stem}.en', f'the {stem} cat\nthe dog\n')
         _write(d / f'{stem}.de', f'die {stem} katze\nder hund\n')
     _write(d / 'vocab.50K.en', '<unk>\n<s>\n</s>\nthe\ndog\ncat\n')
     _write(d / 'vocab.50K.de', '<unk>\n<s>\n</s>\nder\nhund\n')
+    return d
+
+
+def test_wmt_layout_shipped_vocab_and_split_names(tmp_path):
+    d = _tiny_wmt(tmp_path)
     c = parallel_corpus('wmt14_en_de', data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
     assert set(c.splits) == {'train', 'valid', 'test', 'newstest2012', 'newstest2015'}
     assert c.src_vocab == ['<pad>', '<unk>', '<s>', '</s>', 'the', 'dog', 'cat']  # the file's order, our specials
@@ -306,7 +316,8 @@ def server():
                 return self.send_error(404)
             body, length = routes[self.path]
             self.send_response(200)
-            self.send_header('Content-Length', str(length))
+            if length is not False:  # False: none, the client reads until the connection closes
+                self.send_header('Content-Length', str(length))
             self.end_headers()
             self.wfile.write(body)  # HTTP/1.0: the connection closes here, short or not
 
@@ -332,25 +343,40 @@ def test_download_success_and_no_second_fetch(server, tmp_path, capsys):
     body = b'hello world\n' * 5000
     url = server.serve('/f.txt', body)
     dest = tmp_path / 'cache' / 'f.txt'
-    assert data.download(url, dest, sha256=_sha(body)) == dest
+    assert data.download(url, dest, checksum=_sha(body)) == dest
     assert dest.read_bytes() == body and server.hits == ['/f.txt']
     assert '\r' in capsys.readouterr().err  # a progress line
-    data.download(url, dest, sha256=_sha(body))
+    data.download(url, dest, checksum=_sha(body))
     assert server.hits == ['/f.txt']  # cached: no request
     assert [p.name for p in dest.parent.iterdir()] == ['f.txt']
+    sha1 = 'sha1:' + hashlib.sha1(body).hexdigest()  # WikiText-103 has only SHA-1s
+    assert data.download(url, tmp_path / 'g.txt', checksum=sha1).read_bytes() == body
+    with pytest.raises(DataError, match='sha1'):
+        data.download(url, tmp_path / 'h.txt', checksum=sha1[:-1] + '0')
 
 
-@pytest.mark.parametrize('case', ['checksum', 'cut', 'size'])
+@pytest.mark.parametrize('case', ['checksum', 'cut', 'size', 'no-length-cut-size', 'no-length-cut-checksum'])
 def test_download_failures_leave_nothing(server, tmp_path, case):
-    body = b'x' * 100_000
-    url = server.serve('/f.bin', body, length=len(body) + 5000 if case == 'cut' else None)
+    """A wrong body, or one cut short (fewer bytes than Content-Length, or, with no Content-Length,
+    fewer than the recorded size or failing the recorded checksum) is refused and nothing is kept."""
+    full, body = b'x' * 105_000, b'x' * 100_000  # the file, and what the server sends
+    url = server.serve('/f.bin', body, length={'cut': len(full), 'no-length-cut-size': False,
+                                                'no-length-cut-checksum': False}.get(case))
     dest = tmp_path / 'cache' / 'f.bin'
     with pytest.raises(DataError) as e:
-        data.download(url, dest, sha256=_sha(b'other') if case == 'checksum' else None,
-                      size=len(body) - 1 if case == 'size' else None)
+        data.download(url, dest, checksum={'checksum': _sha(b'other'), 'no-length-cut-checksum': _sha(full)}.get(case),
+                      size={'size': len(body) - 1, 'no-length-cut-size': len(full)}.get(case))
     assert url in str(e.value) and str(dest) in str(e.value)
-    assert {'checksum': 'sha256', 'cut': 'expected 105,000', 'size': 'expected 99,999'}[case] in str(e.value)
+    assert {'checksum': 'sha256', 'cut': 'expected 105,000', 'size': 'expected 99,999',
+            'no-length-cut-size': 'expected 105,000', 'no-length-cut-checksum': 'sha256'}[case] in str(e.value)
     assert not dest.exists() and list(dest.parent.iterdir()) == []  # no file, no temp litter
+
+
+def test_download_with_nothing_to_check_warns(server, tmp_path, capsys):
+    """No Content-Length and no recorded size or checksum (WMT'14): kept, but not silently."""
+    url = server.serve('/vocab.50K.en', b'<unk>\n<s>\n', length=False)
+    data.download(url, tmp_path / 'vocab.50K.en')
+    assert 'warning' in capsys.readouterr().err and (tmp_path / 'vocab.50K.en').read_bytes() == b'<unk>\n<s>\n'
 
 
 def test_download_without_network_names_path_and_url(tmp_path):
@@ -370,14 +396,14 @@ def test_lm_corpus_downloads_then_uses_cache(server, tmp_path, monkeypatch):
     texts = [b' a b a\n b\n', b' a\n', b' b a\n']
     urls = tuple(server.serve(f'/ptb.{s}.txt', t) for s, t in zip(data.SPLITS, texts))
     monkeypatch.setitem(data.LM_CORPORA, 'ptb', dict(data.LM_CORPORA['ptb'], urls=urls,
-                                                     sha256=tuple(map(_sha, texts))))
+                                                     checksums=tuple(map(_sha, texts))))
     c = lm_corpus('ptb', cache_dir=tmp_path)
     assert c.vocab == ['a', 'b', '<eos>'] and c.train.tolist() == [0, 1, 0, 2, 1, 2]
     assert (tmp_path / 'ptb' / 'ptb.train.txt').read_bytes() == texts[0] and len(server.hits) == 3
     _forbid_build(monkeypatch)
     assert lm_corpus('ptb', cache_dir=tmp_path).test.tolist() == [1, 0, 2] and len(server.hits) == 3
     # a bad checksum on the web: DataError with the whole recipe, nothing at the final path
-    monkeypatch.setitem(data.LM_CORPORA, 'ptb', dict(data.LM_CORPORA['ptb'], urls=urls, sha256=('0' * 64,) * 3))
+    monkeypatch.setitem(data.LM_CORPORA, 'ptb', dict(data.LM_CORPORA['ptb'], urls=urls, checksums=('0' * 64,) * 3))
     with pytest.raises(DataError, match='--data-dir'):
         lm_corpus('ptb', cache_dir=tmp_path / 'other')
     assert [p.name for p in (tmp_path / 'other' / 'ptb').iterdir()] == []
@@ -391,11 +417,16 @@ def test_wikitext_zip_and_multi30k_gz_downloads(server, tmp_path, monkeypatch):
             z.writestr(f'wikitext-2/wiki.{s}.tokens', t)
     url = server.serve('/wikitext-2-v1.zip', buf.getvalue())
     monkeypatch.setitem(data.LM_CORPORA, 'wikitext-2', dict(data.LM_CORPORA['wikitext-2'], zip=url,
-                        zip_size=len(buf.getvalue()), sha256=tuple(map(_sha, texts))))
+                        zip_size=len(buf.getvalue()), checksums=tuple(map(_sha, texts))))
     c = lm_corpus('wikitext-2', cache_dir=tmp_path)
     assert len(c.train) == 8 and c.vocab[0] == '<eos>'
     assert sorted(p.name for p in (tmp_path / 'wikitext-2').iterdir() if p.is_file()) == \
-        ['wiki.test.tokens', 'wiki.train.tokens', 'wiki.valid.tokens']  # the zip is gone
+        ['verified.json', 'wiki.test.tokens', 'wiki.train.tokens', 'wiki.valid.tokens']  # the zip is gone
+    # a zip put into the cache by hand, cut short: its recorded size refuses it before unpacking
+    (tmp_path / 'hand' / 'wikitext-2').mkdir(parents=True)
+    (tmp_path / 'hand' / 'wikitext-2' / 'wikitext-2-v1.zip').write_bytes(buf.getvalue()[:100])
+    with pytest.raises(DataError, match=r'wikitext-2-v1.zip has 100 bytes, expected'):
+        lm_corpus('wikitext-2', cache_dir=tmp_path / 'hand')
 
     spec = data.PARALLEL_CORPORA['multi30k']
     files = {}
@@ -406,7 +437,7 @@ def test_wikitext_zip_and_multi30k_gz_downloads(server, tmp_path, monkeypatch):
     base = url.rsplit('/', 1)[0]
     monkeypatch.setitem(data.PARALLEL_CORPORA, 'multi30k', dict(
         spec, urls=dict(spec['urls'], raw=base + '/{stem}.{lang}.gz'),
-        sha256={f'raw/{p[1:-3]}': _sha(b) for p, b in files.items()}))
+        checksums={f'raw/{p[1:-3]}': _sha(b) for p, b in files.items()}))
     p = parallel_corpus('multi30k', variant='raw', cache_dir=tmp_path)
     assert detokenize(p.splits['test'][1][0], p.tgt_vocab) == '<unk> de words'
     assert (tmp_path / 'multi30k' / 'raw' / 'val.de').read_bytes() == files['/val.de.gz']
@@ -458,3 +489,121 @@ def test_translation_batches_cover_every_pair_once_and_resume_exactly():
     c = data.TranslationBatches((src, tgt), max_tokens=24, seed=1)
     c.load_state_dict(b.state_dict())
     assert torch.equal(c.next().micro[0][1], steps[1].micro[0][1])
+
+
+# -----------------------------------------------------------------------------
+# verification: recorded checksums, the stamp of hashed files, the cache manifest
+
+_PTB_TEXTS = (' b a <unk>\n c a b\n', ' a z\n', ' c b\n')
+
+
+def _tiny_ptb(tmp_path, monkeypatch, known=True):
+    """A tiny 'ptb' in tmp_path/src whose recorded checksums are its own (known) or absent (a user's
+    own corpus). -> (folder, the load arguments)."""
+    d = tmp_path / 'src' / 'ptb'
+    for f, t in zip(data.LM_CORPORA['ptb']['files'], _PTB_TEXTS):
+        _write(d / f, t)
+    sums = tuple(_sha(t.encode()) for t in _PTB_TEXTS) if known else (None,) * 3
+    monkeypatch.setitem(data.LM_CORPORA, 'ptb', dict(data.LM_CORPORA['ptb'], checksums=sums))
+    return d, dict(data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+
+
+def test_truncated_corpus_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    d, kw = _tiny_ptb(tmp_path, monkeypatch)
+    assert lm_corpus('ptb', **kw).test.tolist() == [4, 0, 2]  # c b <eos>
+    test = d / 'ptb.test.txt'
+    test.write_bytes(test.read_bytes()[:3])  # cut short after it was verified once
+    with pytest.raises(DataError) as e:
+        lm_corpus('ptb', **kw)
+    msg = str(e.value)
+    assert msg.startswith(f'{test} has 3 bytes and sha256 ') and f'expected {_sha(_PTB_TEXTS[2].encode())}' in msg
+    assert data.LM_CORPORA['ptb']['urls'][2] in msg and '--data-dir' in msg and '\n' not in msg
+    # the same files put into the cache by hand, as the offline message tells users to: refused too
+    cached = tmp_path / 'cache' / 'ptb'
+    for f in data.LM_CORPORA['ptb']['files']:
+        shutil.copy(d / f, cached / f)
+    with pytest.raises(DataError, match=f'{cached / "ptb.test.txt"} has 3 bytes .* delete it and run again'):
+        lm_corpus('ptb', cache_dir=tmp_path / 'cache', download=False)
+
+
+def test_real_ptb_test_split_cut_to_30_bytes_is_refused(data_root, tmp_path):
+    d = tmp_path / 'ptb'
+    d.mkdir()
+    for split in ('train', 'valid'):
+        (d / f'{split}.txt').symlink_to(data_root / 'ptb' / f'{split}.txt')
+    (d / 'test.txt').write_bytes((data_root / 'ptb' / 'test.txt').read_bytes()[:30])
+    with pytest.raises(DataError, match=r'test.txt has 30 bytes and sha256 \w+, expected dd65dff3'):
+        lm_corpus('ptb', data_dir=tmp_path, cache_dir=tmp_path / 'cache')
+
+
+def test_a_verified_file_is_not_hashed_again(tmp_path, monkeypatch):
+    d, kw = _tiny_ptb(tmp_path, monkeypatch)
+    hashed, real = [], data._hash_file
+    monkeypatch.setattr(data, '_hash_file', lambda p, algo='sha256': hashed.append(p.name) or real(p, algo))
+    lm_corpus('ptb', **kw)
+    assert sorted(hashed) == sorted(data.LM_CORPORA['ptb']['files'])
+    stamp = json.loads((tmp_path / 'cache' / 'ptb' / 'verified.json').read_text())
+    assert stamp[str((d / 'ptb.test.txt').resolve())][-1] == 'sha256:' + _sha(_PTB_TEXTS[2].encode())
+    hashed.clear()
+    lm_corpus('ptb', **kw)
+    assert hashed == []  # remembered: the second run reads no source file
+    st = (d / 'ptb.valid.txt').stat()
+    os.utime(d / 'ptb.valid.txt', ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: that one again
+    lm_corpus('ptb', **kw)
+    assert hashed == ['ptb.valid.txt']
+
+
+def test_cache_follows_the_text_even_with_same_size_and_mtime(tmp_path, monkeypatch):
+    d, kw = _tiny_ptb(tmp_path, monkeypatch, known=False)  # no checksum to compare with: only the cache key
+    c = lm_corpus('ptb', **kw)
+    assert [c.vocab[i] for i in c.valid] == ['a', '<unk>', '<eos>']
+    p = d / 'ptb.valid.txt'
+    st = p.stat()
+    p.write_text(' b z\n', encoding='utf-8')  # same size
+    while True:  # put the mtime back; ctime (no call sets it) moves, at the kernel clock's coarse ticks
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if p.stat().st_ctime_ns != st.st_ctime_ns:
+            break
+        time.sleep(0.005)
+    assert (p.stat().st_size, p.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    c = lm_corpus('ptb', **kw)
+    assert [c.vocab[i] for i in c.valid] == ['b', '<unk>', '<eos>']
+
+
+@pytest.mark.parametrize('fault', ['deleted', 'truncated', 'vocab'])
+def test_damaged_cache_is_rebuilt_with_one_log_line(tmp_path, monkeypatch, capsys, fault):
+    _, kw = _tiny_ptb(tmp_path, monkeypatch)
+    good = lm_corpus('ptb', **kw)
+    out, = (tmp_path / 'cache' / 'ptb').glob('tokenized-*')
+    if fault == 'deleted':
+        (out / 'train.npy').unlink()
+    elif fault == 'truncated':
+        (out / 'valid.npy').write_bytes((out / 'valid.npy').read_bytes()[:-4])
+    else:  # another vocabulary of the same size: the ids would silently mean other words
+        (out / 'vocab.txt').write_text(''.join(w + '\n' for w in reversed(good.vocab)), encoding='utf-8')
+    capsys.readouterr()
+    builds, real = [], data._build_lm
+    monkeypatch.setattr(data, '_build_lm', lambda *a: builds.append(1) or real(*a))
+    again = lm_corpus('ptb', **kw)
+    err = capsys.readouterr().err
+    assert builds == [1] and err.count('\n') == 1  # one log line, one rebuild
+    assert err.startswith(f'cache {out} is damaged (') and 'rebuilding' in err
+    assert {'deleted': 'train.npy', 'truncated': 'valid.npy has', 'vocab': 'vocab.txt'}[fault] in err
+    assert again.vocab == good.vocab and all(np.array_equal(getattr(again, s), getattr(good, s))
+                                             for s in ('train', 'valid', 'test', 'counts'))
+    _forbid_build(monkeypatch)
+    lm_corpus('ptb', **kw)  # the rebuilt entry is trusted
+    assert not list((tmp_path / 'cache' / 'ptb').glob('.*'))  # nothing left aside
+
+
+def test_damaged_translation_cache_is_rebuilt(tmp_path, capsys):
+    _tiny_wmt(tmp_path)
+    kw = dict(data_dir=tmp_path / 'src', cache_dir=tmp_path / 'cache')
+    good = parallel_corpus('wmt14_en_de', **kw)
+    out, = (tmp_path / 'cache' / 'wmt14_en_de').glob('tokenized-*')
+    (out / 'tgt_vocab.txt').unlink()
+    (out / 'test.src.starts.npy').write_bytes(b'')
+    again = parallel_corpus('wmt14_en_de', **kw)
+    assert 'is damaged' in capsys.readouterr().err
+    assert again.tgt_vocab == good.tgt_vocab and all(
+        np.array_equal(a, b) for a, b in zip(again.splits['test'][0], good.splits['test'][0]))
