@@ -10,7 +10,8 @@ DeFINE(n, k, m, depth, g_max=4, variant='define', bias=True, norm=True, act='gel
     The Map-Expand-Reduce unit, (..., n) -> (..., m): a hierarchical group transform whose
     widths grow from n to k with g_max, g_max/2, ... groups, the split-and-mix skip before
     every layer after the first, and a dense Reduce k -> m. `variant` builds the paper's
-    ablations (VARIANTS below). `DeFINE.plan(...)` returns the layer plan without building.
+    ablations and 'define_delight', the authors' own later unit (VARIANTS below; the DeFINE
+    docstring lists how it differs). `DeFINE.plan(...)` returns the layer plan without building.
 AdaptiveInput(vocab_size, n, d, cutoffs=(), factor=1)
     The map: frequency-sorted vocabulary cut into bands at `cutoffs`, band i a table of
     width n // factor**i, projected (bias-free) to d where it is not already d.
@@ -71,6 +72,7 @@ VARIANTS = (
     'glt_shuffle',      # glt + channel shuffle between layers (ShuffleNet)
     'hgt',              # decreasing groups, no skip
     'hgt_residual',     # decreasing groups, fixed width k/2, identity skips
+    'define_delight',   # the authors' later unit (DeLighT repository), see DeFINE's docstring
 )
 ACTS = {'gelu': nn.GELU, 'swish': nn.SiLU, 'relu': nn.ReLU, None: nn.Identity}
 GAINS = {'gelu': 2.0, 'swish': 2.0, 'relu': 2 ** 0.5, None: 1.0}   # init without LayerNorm
@@ -114,10 +116,13 @@ class GroupLinear(nn.Module):
 class GLTBlock(nn.Module):
     """One HGT layer: GLT (+ bias) -> LayerNorm -> activation -> dropout."""
 
-    def __init__(self, d_in, d_out, groups, bias=True, norm=True, act='gelu', dropout=0.0):
+    def __init__(self, d_in, d_out, groups, bias=True, norm=True, act='gelu', dropout=0.0,
+                 group_norm=False):
         super().__init__()
         self.glt = GroupLinear(d_in, d_out, groups, bias)
-        self.norm = nn.LayerNorm(d_out) if norm else nn.Identity()
+        # group_norm (define_delight): each group normalised on its own, one affine for all
+        self.norm_groups = groups if group_norm else 1
+        self.norm = nn.LayerNorm(d_out // self.norm_groups) if norm else nn.Identity()
         if not norm:
             # nothing restores the scale between layers then, so keep it at init: GELU and
             # swish are ~x/2 on the small values a table gives (gain 2), ReLU halves the
@@ -130,8 +135,9 @@ class GLTBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, grouped=False):   # (..., d_in), or (..., g, d_in/g) if grouped
-        y = self.glt(x, grouped=True).flatten(-2) if grouped else self.glt(x)
-        return self.drop(self.act(self.norm(y)))
+        y = self.glt(x, grouped=True).flatten(-2) if grouped else self.glt(x)   # (..., d_out)
+        y = self.norm(y.unflatten(-1, (self.norm_groups, -1))).flatten(-2)
+        return self.drop(self.act(y))
 
 
 def _upcast(x):   # softmax statistics in float32 at least (bf16 logits lose too much)
@@ -149,7 +155,28 @@ def _round_up(x, multiple):
 
 
 class DeFINE(nn.Module):
-    """Map-Expand-Reduce unit: (..., n) -> (..., m), or (..., k) for 'define_noreduce'."""
+    """Map-Expand-Reduce unit: (..., n) -> (..., m), or (..., k) for 'define_noreduce'.
+
+    variant='define_delight' is the one DeFINE unit the authors published: their later
+    DeLighT code (sacmehta/delight, fairseq/delight_modules/dextra_unit.py, --define-iclr).
+    k is its widest width (their width_multiplier x n); depth counts its group layers. It
+    differs from the paper's text in these ways:
+    1. a dense input layer n -> m/2 (bias, LayerNorm, activation, dropout) comes first; its
+       output x, not the map's e, is what every later layer is mixed with;
+    2. groups count up 1, 2, 4, ... to the largest power of two <= g_max, restart at 1, and
+       the list is reversed (depth 7, g_max 4: 1 4 2 1 4 2 1), not g_max, g_max/2, ..., 1;
+    3. widths run linearly from m/2 (not n) to k, reached by layer N-1; layer N maps to m
+       (it is the Expand's last step and the first Reduce). Each width is truncated, then
+       rounded up to a multiple of max(its groups, the next layer's, 8);
+    4. LayerNorm works per group (over d_out/g features; one affine shared by the groups);
+    5. every layer after the first gets [x_j, h_j] in group j (x's chunk first), and so does
+       the layer after the last group layer: with one group, the whole [x, h_N];
+    6. that last layer is a dense Reduce over [x, h_N], m/2 + m -> m, with LayerNorm,
+       activation and dropout (the paper: a plain Linear k -> m);
+    7. a standard map is scaled by sqrt(n) before the unit (in_scale; the authors skip it for
+       an adaptive map: set unit.in_scale = 1. for one).
+    Not followed: their dense ends always have a bias (ours follow `bias`), their Xavier init.
+    """
 
     def __init__(self, n, k, m, depth, g_max=4, variant='define', bias=True, norm=True,
                  act='gelu', dropout=0.0):
@@ -157,11 +184,13 @@ class DeFINE(nn.Module):
         if act not in ACTS:
             raise ValueError(f"act={act!r} unknown; choose one of {list(ACTS)}")
         self.n, self.k, self.variant = n, k, variant
-        self.layers_plan = self.plan(n, k, depth, g_max, variant)
-        self.layers = nn.ModuleList(GLTBlock(d_in, d_out, g, bias, norm, act, dropout)
+        self.layers_plan = self.plan(n, k, depth, g_max, variant, m)
+        delight = variant == 'define_delight'
+        self.layers = nn.ModuleList(GLTBlock(d_in, d_out, g, bias, norm, act, dropout, delight)
                                     for d_in, d_out, g in self.layers_plan)
+        self.in_scale = math.sqrt(n) if delight else 1.0
         k_out = self.layers_plan[-1][1]
-        if variant == 'define_noreduce':
+        if variant in ('define_noreduce', 'define_delight'):   # delight: its last layer reduces
             self.reduce, self.d_out = nn.Identity(), k_out
         else:
             self.reduce, self.d_out = nn.Linear(k_out, m, bias=bias), m
@@ -171,8 +200,9 @@ class DeFINE(nn.Module):
                     nn.init.zeros_(self.reduce.bias)
 
     @staticmethod
-    def plan(n, k, depth, g_max=4, variant='define'):
-        """[(d_in, d_out, groups)] per layer; raises ValueError for what cannot be built."""
+    def plan(n, k, depth, g_max=4, variant='define', m=None):
+        """[(d_in, d_out, groups)] per layer; raises ValueError for what cannot be built.
+        define_delight needs m, and lists its dense input and output layers too (depth + 2)."""
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} unknown; choose one of {VARIANTS}")
         if depth < 1:
@@ -181,6 +211,20 @@ class DeFINE(nn.Module):
             raise ValueError(f"k={k} < n={n}: the expand width k must be at least the map width n")
         if g_max < 1:
             raise ValueError(f"g_max={g_max} must be >= 1")
+        if variant == 'define_delight':   # see the class docstring, points 1-3 and 6
+            if depth < 2 or m is None or m < 2:
+                raise ValueError(f"define_delight needs depth >= 2 (got {depth}) and m >= 2 "
+                                 f"(got {m})")
+            h = m // 2                                    # the input layer's width
+            groups = [2 ** (l % g_max.bit_length()) for l in range(depth)][::-1]
+            if any(h % g for g in groups):
+                raise ValueError(f"m // 2 = {h} is not divisible by the groups {groups}; use "
+                                 f"an m that is a multiple of {2 * max(groups)}")
+            # point l of linspace(h, k, depth), l = 1 .. N-1, floored (exact integers here)
+            widths = [_round_up((h * (depth - 1) + l * (k - h)) // (depth - 1),
+                                max(groups[l - 1], groups[l], 8)) for l in range(1, depth)]
+            ins = [h] + [w + h for w in widths]           # later layers also get x
+            return [(n, h, 1), *zip(ins, widths + [m], groups), (h + m, m, 1)]
         if variant == 'lt':
             groups = [1] * depth
         elif variant in ('glt', 'glt_shuffle'):
@@ -210,6 +254,14 @@ class DeFINE(nn.Module):
         return plan
 
     def forward(self, e):                  # (..., n) -> (..., m)
+        if self.variant == 'define_delight':
+            x = self.layers[0](e * self.in_scale)         # (..., m/2): mixed into every layer
+            h = self.layers[1](x)
+            for layer in self.layers[2:]:                 # group layers 2..N, then the Reduce
+                g = layer.glt.groups                      # group j gets [x_j, h_j]
+                h = layer(torch.cat([x.unflatten(-1, (g, -1)), h.unflatten(-1, (g, -1))], -1),
+                          grouped=True)                   # in: (..., g, (m/2 + k_{l-1}) / g)
+            return h                                      # (..., m)
         h = self.layers[0](e)              # layer 1 sees e alone
         for prev, layer in zip(self.layers[:-1], self.layers[1:]):
             g = layer.glt.groups

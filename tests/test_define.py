@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -85,7 +86,7 @@ def _paper_widths(n, k, depth):   # exact cases only: k_l = n + l (k - n) / N
 @pytest.mark.parametrize("n,k,m,depth,g_max", [
     (128, 1024, 400, 7, 4), (64, 512, 256, 4, 4), (64, 512, 256, 4, 8),
     (256, 1024, 256, 3, 4), (128, 3200, 384, 3, 16), (32, 64, 32, 1, 2)])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != 'define_delight'])
 def test_unit_parameter_count_matches_formula(n, k, m, depth, g_max, variant):
     unit = DeFINE(n, k, m, depth, g_max, variant=variant)
     if variant == 'lt':
@@ -141,7 +142,7 @@ def test_unit_without_norm_keeps_the_token_spread_at_init(act):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_trains(variant):
-    unit = DeFINE(16, 64, 12, 3, g_max=4, variant=variant, dropout=0.1)
+    unit = DeFINE(16, 64, 16, 3, g_max=4, variant=variant, dropout=0.1)
     x, target = torch.randn(32, 16), torch.randn(32, unit.d_out)
     opt = torch.optim.Adam(unit.parameters(), lr=1e-2)
     losses = []
@@ -162,10 +163,110 @@ def test_every_variant_trains(variant):
     (dict(n=16, k=66, m=8, depth=1, g_max=4), "k=66 is not divisible"),
     (dict(n=16, k=64, m=8, depth=2, variant='dense'), "variant='dense' unknown"),
     (dict(n=16, k=64, m=8, depth=2, act='tanh'), "act='tanh' unknown"),
+    (dict(n=16, k=64, m=12, depth=3, variant='define_delight'), r"m // 2 = 6 is not divisible"),
+    (dict(n=16, k=64, m=16, depth=1, variant='define_delight'), "depth >= 2"),
 ])
 def test_bad_unit_configurations_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DeFINE(**kwargs)
+
+
+# ---------------------------------------------------------------- the authors' later unit
+
+def _delight_oracle(unit, e):
+    """define_delight written out with the unit's weights: a loop over groups, plain matmuls,
+    LayerNorm and GELU by formula. e: (N, n) float64 -> (N, m)."""
+    def chunks(v, g):
+        c = v.shape[-1] // g
+        return [v[:, j * c:(j + 1) * c] for j in range(g)]
+
+    def layer(block, pieces):          # pieces[j]: what group j sees, (N, d_in / g)
+        w, b = block.glt.weight, block.glt.bias          # (g, d_in/g, d_out/g), (d_out,)
+        c, outs = w.shape[2], []
+        for j, p in enumerate(pieces):
+            y = p @ w[j] + b[j * c:(j + 1) * c]
+            y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(
+                y.var(-1, unbiased=False, keepdim=True) + 1e-5)
+            y = y * block.norm.weight + block.norm.bias  # one (d_out/g,) affine for every group
+            outs.append(0.5 * y * (1 + torch.erf(y / 2 ** 0.5)))
+        return torch.cat(outs, -1)
+
+    x = layer(unit.layers[0], [e * e.shape[-1] ** 0.5])  # dense input layer, n -> m/2
+    h = layer(unit.layers[1], chunks(x, unit.layers[1].glt.weight.shape[0]))
+    for block in unit.layers[2:]:                        # group j: [x_j, h_j]
+        g = block.glt.weight.shape[0]
+        h = layer(block, [torch.cat([xj, hj], -1) for xj, hj in zip(chunks(x, g), chunks(h, g))])
+    return h
+
+
+@pytest.mark.parametrize("n,k,m,depth,g_max", [
+    (16, 96, 32, 4, 4), (32, 256, 64, 5, 16), (16, 128, 24, 7, 4), (8, 40, 16, 2, 2)])
+def test_delight_equals_per_group_loop(n, k, m, depth, g_max):
+    unit = DeFINE(n, k, m, depth, g_max, variant='define_delight').double().eval()
+    with torch.no_grad():   # zero biases and unit affines at init would hide their mistakes
+        for p in unit.parameters():
+            p.normal_(0, 0.5)
+    assert len(unit.layers) == depth + 2
+    e = torch.randn(2, 3, n, dtype=torch.double)
+    y = unit(e)
+    assert y.shape == (2, 3, m)
+    torch.testing.assert_close(y.reshape(-1, m), _delight_oracle(unit, e.reshape(-1, n)))
+
+
+def _counting_groups(depth, g_max):   # 1, 2, 4, ... while <= g_max, then from 1 again; reversed
+    seq, g = [], 1
+    while len(seq) < depth:
+        seq.append(g)
+        g = 2 * g if 2 * g <= g_max else 1
+    return seq[::-1]
+
+
+@pytest.mark.parametrize("depth,g_max,groups", [
+    (7, 4, [1, 4, 2, 1, 4, 2, 1]), (3, 4, [4, 2, 1]), (4, 4, [1, 4, 2, 1]),
+    (5, 8, [1, 8, 4, 2, 1]), (6, 2, [2, 1, 2, 1, 2, 1]), (5, 6, [2, 1, 4, 2, 1]),
+    (2, 1, [1, 1]), (11, 4, [2, 1, 4, 2, 1, 4, 2, 1, 4, 2, 1])])
+def test_delight_group_schedule(depth, g_max, groups):
+    assert _counting_groups(depth, g_max) == groups
+    plan = DeFINE.plan(64, 1024, depth, g_max, 'define_delight', m=128)
+    assert [g for _, _, g in plan] == [1] + groups + [1]   # dense input and output layers
+
+
+@pytest.mark.parametrize("args,want", [
+    ((128, 1024, 7, 4, 400), [(128, 200, 1), (200, 344, 1), (544, 480, 4), (680, 616, 2),
+                              (816, 752, 1), (952, 888, 4), (1088, 1024, 2), (1224, 400, 1),
+                              (600, 400, 1)]),                      # PTB: n 128, k 1024, N 7
+    ((128, 4096, 3, 4, 384), [(128, 192, 1), (192, 2144, 4), (2336, 4096, 2), (4288, 384, 1),
+                              (576, 384, 1)]),                      # Transformer-XL, WT-103
+    ((32, 256, 5, 16, 64), [(32, 32, 1), (32, 96, 16), (128, 144, 8), (176, 200, 4),
+                            (232, 256, 2), (288, 64, 1), (96, 64, 1)])])
+def test_delight_plan_and_parameter_count(args, want):
+    n, k, depth, g_max, m = args
+    unit = DeFINE(n, k, m, depth, g_max, variant='define_delight')
+    assert unit.layers_plan == want and unit.d_out == m
+    # per layer: weights d_in d_out / g, bias d_out, one LayerNorm of d_out / g for all groups
+    assert sum(p.numel() for p in unit.parameters()) == sum(
+        i * o // g + o + 2 * o // g for i, o, g in want)
+
+
+@pytest.mark.parametrize("n,k,m", [(128, 1024, 400), (128, 4096, 384), (256, 1024, 256),
+                                   (64, 1000, 96), (96, 200, 128)])
+def test_delight_plan_follows_the_authors_rule(n, k, m):
+    # widths: np.linspace(m/2, k, N)[1:] truncated to int, each rounded up to a multiple of
+    # max(its groups, the next layer's, 8); the last group layer maps to m
+    h = m // 2
+    for depth in range(2, 13):
+        for g_max in (1, 2, 3, 4, 8, 16):
+            groups = _counting_groups(depth, g_max)
+            if any(h % g for g in groups):
+                with pytest.raises(ValueError, match="not divisible"):
+                    DeFINE.plan(n, k, depth, g_max, 'define_delight', m)
+                continue
+            lin = np.linspace(h, k, depth).astype(int).tolist()[1:]
+            step = [max(groups[i], groups[i + 1], 8) for i in range(depth - 1)]
+            widths = [-(-w // s) * s for w, s in zip(lin, step)] + [m]
+            ins = [h] + [w + h for w in widths[:-1]]
+            want = [(n, h, 1)] + list(zip(ins, widths, groups)) + [(h + m, m, 1)]
+            assert DeFINE.plan(n, k, depth, g_max, 'define_delight', m) == want, (depth, g_max)
 
 
 # ---------------------------------------------------------------- maps and outputs
@@ -297,6 +398,17 @@ def test_cache_reproduces_embed_for_every_token(kind, cfg):
     assert (io.embed(ids) - want).abs().max() <= 1e-6
     io.train()                                   # training again drops the frozen table
     assert io.cached is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cutoffs", [[], [10, 40]])
+def test_cache_reproduces_embed_for_every_variant(variant, cutoffs):
+    io = _io('define', variant=variant, cutoffs=cutoffs, unit_dropout=0.3).float().eval()
+    ids = torch.arange(120)
+    want = io.embed(ids)
+    assert io.cache()['bytes'] == 120 * io.d_embed * 4
+    assert (io.embed(ids) - want).abs().max() <= 1e-6
+    assert count_params(io)['define'] == sum(p.numel() for p in io.unit.parameters())
 
 
 def test_cache_needs_eval_mode():
