@@ -18,14 +18,20 @@ AdaptiveInput(vocab_size, n, d, cutoffs=(), factor=1)
     factor=4 is Baevski & Auli's adaptive input, factor=1 Transformer-XL's projective
     embedding, no cutoffs and n == d a standard embedding.
 AdaptiveSoftmax(inp, d_hidden, bias=True)
-    Output layer tied to an AdaptiveInput `inp` (its tables and projections are reused,
-    passed at call time): a full softmax with one band, Grave et al.'s adaptive softmax with
-    several. Works in the map's space: the hidden state is projected to it when d_hidden
-    differs (one projection per band, Transformer-XL style).
-TokenIO(kind, vocab_size, d_model, n=None, ..., output=True)
+    Output layer over the tables and projections of an AdaptiveInput `inp`, passed at call
+    time (the input's map when tied, a map of the output's own when untied): a full softmax
+    with one band, Grave et al.'s adaptive softmax with several. Works in the map's space:
+    the hidden state is projected to it when d_hidden differs (one projection per band,
+    Transformer-XL style).
+CharCNN(words, d, char_dim=4, filters=CharCNN.FILTERS, highway=2, max_chars=50)
+    Kim et al.'s character-aware word vectors, (...,) ids -> (..., d), from the spelling of
+    `words` (index = token id): convolutions, max over time, highway layers, a projection.
+TokenIO(kind, vocab_size, d_model, n=None, ..., output=True, tied=None, words=None)
     The seam every model uses. kind in KINDS = ('standard', 'projective', 'adaptive',
-    'define'). .embed(ids) -> (..., d_embed); .loss(hidden, targets) -> NLL;
-    .log_probs(hidden) -> (..., V); .cache() swaps the input path for one lookup table.
+    'define') or WORD_KINDS = ('cnn',), which needs words=. .embed(ids) -> (..., d_embed);
+    .loss(hidden, targets) -> NLL; .log_probs(hidden) -> (..., V); .cache() swaps the input
+    path for one lookup table. tied=False gives the output tables of its own (Baevski &
+    Auli's untied rows; TokenIO's docstring lists every row's arguments).
     output=False builds the input side alone (a translation model's source vocabulary).
     ids and targets may stay on the host while the parameters are on a GPU: the
     bookkeeping that depends on their values (DeFINE's distinct tokens, the adaptive
@@ -51,6 +57,9 @@ torch.Size([5, 8, 64])
 (True, 256000)
 >>> sorted(count_params(io))
 ['context', 'define', 'io', 'total']
+>>> cnn = TokenIO('cnn', 3, 16, words=['the', 'cat', 'sat'])   # spelled; untied output
+>>> cnn.embed(torch.tensor([[0, 2]])).shape, cnn.tied
+(torch.Size([1, 2, 16]), False)
 
 Choices the paper leaves open (see README): each HGT layer is GLT + bias -> LayerNorm ->
 GELU -> dropout (the authors' code; without a nonlinearity the unit collapses to one linear
@@ -62,7 +71,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KINDS = ('standard', 'projective', 'adaptive', 'define')
+KINDS = ('standard', 'projective', 'adaptive', 'define')   # built from the vocabulary size
+WORD_KINDS = ('cnn',)                                      # need the word strings too (words=)
 VARIANTS = (
     'define',           # HGT + split-and-mix skip + Reduce (the paper's unit)
     'define_nomix',     # skip concatenates the whole input to h, no per-group split
@@ -331,11 +341,12 @@ class AdaptiveInput(nn.Module):
 
 
 class AdaptiveSoftmax(nn.Module):
-    """log p(w | h) tied to an AdaptiveInput: full softmax for one band, else adaptive softmax
+    """log p(w | h) over an AdaptiveInput's tables: full softmax for one band, else adaptive softmax
     (Grave et al. 2017): head = band 0 plus one logit per tail cluster; a tail token's
     log-prob = head log-prob of its cluster + its log-softmax within the cluster, computed
     only for the tokens of that cluster. Holds only what the output adds: per-band hidden
-    projections (when d_hidden != inp.d), the output bias, the cluster logits."""
+    projections (when d_hidden != inp.d), the output bias, the cluster logits. `inp` is the
+    input's map (tied) or a map that only the output uses (untied: TokenIO(tied=False))."""
 
     def __init__(self, inp, d_hidden, bias=True, cluster_bias=None):
         super().__init__()
@@ -418,6 +429,52 @@ class AdaptiveSoftmax(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# Character-CNN input (Kim et al. 2016), Baevski & Auli's CNN row
+
+class CharCNN(nn.Module):
+    """Word vectors from characters: (...,) ids -> (..., d). Each word is its characters cut
+    to max_chars, between begin- and end-of-word markers, zero-padded to one length L; a
+    convolution per (width, filters) over it, ReLU, max over time; highway layers; a Linear to
+    d. Defaults: fairseq's character embedder, which Baevski & Auli's CNN row used (char
+    embedding 4, widths 1-7 with 64..256 filters = 1408 features, 2 highway layers, 50 chars).
+    Kim et al. used tanh after the convolutions and 15-wide characters."""
+    FILTERS = ((1, 64), (2, 128), (3, 192), (4, 256), (5, 256), (6, 256), (7, 256))
+
+    def __init__(self, words, d, char_dim=4, filters=FILTERS, highway=2, max_chars=50):
+        super().__init__()
+        spelled = [list(w)[:max_chars] for w in words]
+        index = {c: i for i, c in enumerate(sorted({c for w in spelled for c in w}), 3)}
+        seqs = [[1] + [index[c] for c in w] + [2] for w in spelled]   # 0 pad, 1 begin, 2 end
+        L = max(max(map(len, seqs)), max(w for w, _ in filters))      # every width fits once
+        chars = torch.zeros(len(words), L, dtype=torch.long)
+        chars[torch.arange(L) < torch.tensor([len(s) for s in seqs])[:, None]] = torch.tensor(
+            [c for s in seqs for c in s])
+        self.register_buffer('chars', chars, persistent=False)        # (V, L), from `words`
+        self.vocab_size, self.max_chars = len(words), max_chars
+        self.char_emb = nn.Embedding(len(index) + 3, char_dim, padding_idx=0)
+        self.convs = nn.ModuleList(nn.Conv1d(char_dim, f, w) for w, f in filters)
+        width = sum(f for _, f in filters)
+        self.highway = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(highway))
+        for hw in self.highway:   # gate bias -1: mostly carry at init (fairseq; Kim: -2)
+            nn.init.constant_(hw.bias[width:], -1.0)
+        self.proj = nn.Linear(width, d)
+
+    def forward(self, ids, drop=0.0):      # (...,) -> (..., d)
+        x = self.char_emb(self.chars[ids])                     # (..., L, char_dim)
+        x = x.reshape(-1, *x.shape[-2:]).transpose(1, 2)       # (N, char_dim, L)
+        y = torch.cat([F.relu(conv(x)).amax(-1) for conv in self.convs], -1)   # (N, 1408)
+        for hw in self.highway:            # y <- t * relu(W_h y) + (1 - t) * y
+            h, t = hw(y).chunk(2, -1)
+            t = torch.sigmoid(t)
+            y = t * F.relu(h) + (1 - t) * y
+        y = self.proj(y).view(*ids.shape, -1)                  # (..., d)
+        if drop > 0:   # word-type dropout, as AdaptiveInput's: one draw per word per step
+            keep = torch.empty(self.vocab_size, 1, device=y.device).bernoulli_(1 - drop) / (1 - drop)
+            y = y * F.embedding(ids, keep.to(y.dtype))
+        return y
+
+
+# ----------------------------------------------------------------------------------------
 # The seam: one object per vocabulary
 
 class TokenIO(nn.Module):
@@ -429,27 +486,56 @@ class TokenIO(nn.Module):
                 'adaptive'   adaptive input (bands n / factor^i) + tied adaptive softmax
                 'define'     a map of width n (standard, or adaptive with cutoffs) + DeFINE
                              n -> k -> m, + a projection m -> d_model if they differ
+                'cnn'        CharCNN over the spelling of `words` -> d_model (Kim et al.);
+                             always untied: the output is the one tied=False builds below,
+                             its tables n wide (n = d_model by default) in bands n / factor^i
+                             (factor 4 by default: Baevski & Auli's adaptive softmax)
+    tied        True: the output layer reuses the map's tables and band projections (the
+                default; 'cnn' has none to reuse and needs False). False: the output layer
+                tied=True would build, over a map of its own, AdaptiveInput(V, n, d_map,
+                cutoffs, out_factor) (d_map = n for 'define', else d_model): own tables,
+                and own band projections where a band is narrower than d_map. For 'define'
+                that is: hidden -> n per band (when d_hidden != n), -> n / factor^i through
+                the band's own projection, -> logits over its own table (+ bias); the unit
+                stays on the input side alone. The cache() still replaces only the input.
+    out_factor  band width divisor of an untied output (default: factor). kind='standard'
+                with cutoffs, tied=False, out_factor=4 is an embedding input with Baevski &
+                Auli's adaptive softmax (their ASM row).
+    words       the vocabulary's strings, index = token id: what 'cnn' spells (required).
+    char_dim, char_filters, char_highway, max_chars: the CharCNN (see its docstring).
     d_hidden    width of the hidden state given to loss/log_probs (default d_model); it is
                 projected to the map's space when it differs (AWD-LSTM instead makes its
                 last layer n wide, so none is needed).
     cutoffs     band edges of the frequency-sorted vocabulary (adaptive input / softmax).
     factor      band width divisor: 1 for standard/projective/define, 4 for adaptive.
-    out_bias    output bias (V) and cluster-logit bias; default: present iff factor == 1
-                (Transformer-XL's softmax has one, Baevski & Auli's adaptive softmax not).
+    out_bias    output bias (V) and cluster-logit bias; default: present iff the output's
+                factor is 1 (Transformer-XL's softmax has one, Baevski & Auli's adaptive
+                softmax not; fairseq's full softmax has none either: pass out_bias=False).
     embed_scale multiplies the embedding (sqrt(d_model) in Transformers).
-    dedup       define only: run the unit once per distinct token of the batch, then
+    dedup       define and cnn: run the unit once per distinct token of the batch, then
                 gather (same function and gradients, less work; dropout inside the unit
                 is then drawn per token type).
     output      False: no output layer (a vocabulary that is read, never predicted).
+
+    Baevski & Auli's Table 3 rows (C = their cutoffs, d = d_model):
+        SM     TokenIO('standard', V, d, tied=False)               embedding, full softmax
+        SM-T   TokenIO('standard', V, d)                           the same, tied
+        ASM    TokenIO('standard', V, d, cutoffs=C, tied=False, out_factor=4)
+        CNN    TokenIO('cnn', V, d, cutoffs=C, words=vocab)        untied, out_factor 4
+        ADP    TokenIO('adaptive', V, d, cutoffs=C, tied=False)    factor 4 both sides
+        ADP-T  TokenIO('adaptive', V, d, cutoffs=C)
+    BPE and BPE-T are SM and SM-T over a BPE vocabulary (a data-side change, not this one).
     """
 
     def __init__(self, kind, vocab_size, d_model, n=None, d_hidden=None, cutoffs=(),
                  factor=None, out_bias=None, embed_scale=1.0, init_std=None,
                  k=1024, m=None, depth=3, g_max=4, variant='define', unit_bias=True,
-                 unit_norm=True, unit_act='gelu', unit_dropout=0.0, dedup=False, output=True):
+                 unit_norm=True, unit_act='gelu', unit_dropout=0.0, dedup=False, output=True,
+                 tied=None, out_factor=None, words=None, char_dim=4,
+                 char_filters=CharCNN.FILTERS, char_highway=2, max_chars=50):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} unknown; choose one of {KINDS}")
+        if kind not in KINDS + WORD_KINDS:
+            raise ValueError(f"kind={kind!r} unknown; choose one of {KINDS + WORD_KINDS}")
         if vocab_size < 2:
             raise ValueError(f"vocab_size={vocab_size} must be at least 2")
         n = d_model if n is None else n
@@ -459,11 +545,24 @@ class TokenIO(nn.Module):
         if kind == 'standard' and factor not in (None, 1):
             raise ValueError(f"a standard embedding has one width (factor 1), got factor={factor}; "
                              f"use kind='adaptive' for bands of decreasing width")
-        factor = (4 if kind == 'adaptive' else 1) if factor is None else factor
+        if kind == 'cnn' and (words is None or len(words) != vocab_size):
+            raise ValueError(f"kind='cnn' spells the words: pass words= (vocab_size={vocab_size} "
+                             f"strings, index = token id), got {None if words is None else len(words)}")
+        if kind == 'cnn' and tied:
+            raise ValueError("a character CNN has no table to tie the output to; use tied=False")
+        tied = kind != 'cnn' if tied is None else tied
+        factor = (4 if kind in ('adaptive', 'cnn') else 1) if factor is None else factor
+        if tied and out_factor not in (None, factor):
+            raise ValueError(f"out_factor={out_factor} != factor={factor}: a tied output has the "
+                             f"input's bands; pass tied=False for bands of their own")
+        out_factor = factor if out_factor is None else out_factor
         self.kind, self.vocab_size, self.d_model, self.n = kind, vocab_size, d_model, n
-        self.embed_scale, self.dedup = embed_scale, dedup
+        self.embed_scale, self.dedup, self.tied = embed_scale, dedup, tied
         d_map = n if kind == 'define' else d_model     # width the map's bands project to
-        self.map = AdaptiveInput(vocab_size, n, d_map, cutoffs, factor, init_std)
+        if kind == 'cnn':
+            self.map = CharCNN(words, d_model, char_dim, char_filters, char_highway, max_chars)
+        else:
+            self.map = AdaptiveInput(vocab_size, n, d_map, cutoffs, factor, init_std)
         self.unit, self.in_proj, self.d_embed = None, None, d_model
         if kind == 'define':
             m = d_model if m is None else m
@@ -474,16 +573,19 @@ class TokenIO(nn.Module):
             elif m != d_model:
                 self.in_proj = nn.Linear(m, d_model, bias=False)
         self.d_hidden = d_model if d_hidden is None else d_hidden
-        out_bias = factor == 1 if out_bias is None else out_bias
-        self.out = AdaptiveSoftmax(self.map, self.d_hidden, bias=out_bias) if output else None
+        # untied: the output's own tables (and band projections), the same shapes as tied
+        self.out_map = None if tied or not output else AdaptiveInput(
+            vocab_size, n, d_map, cutoffs, out_factor, init_std)
+        out_bias = out_factor == 1 if out_bias is None else out_bias
+        self.out = AdaptiveSoftmax(self._out_map(), self.d_hidden, bias=out_bias) if output else None
         self.cached = None                          # (V, d_embed) table once cache() ran
 
     def embed(self, ids, drop=0.0):                 # (...) ids -> (..., d_embed)
         """`drop`: embedding dropout on the rows of the map tables (AWD-LSTM's dropoute)."""
-        dev = self.map.tables[0].device
+        dev = next(self.map.parameters()).device
         if self.cached is not None and not self.training:
             return F.embedding(ids.to(dev), self.cached)
-        if self.unit is not None and self.dedup:    # DeFINE once per distinct token
+        if self.dedup and (self.unit is not None or self.kind == 'cnn'):   # once per distinct token
             uniq, inv = torch.unique(ids, return_inverse=True)    # uniq[inv] == ids
             return self._input_path(_to(uniq, dev), drop)[_to(inv, dev)]
         return self._input_path(_to(ids, dev), drop)
@@ -500,18 +602,22 @@ class TokenIO(nn.Module):
 
     def loss(self, hidden, targets, reduction='mean', ignore_index=-100, label_smoothing=0.0):
         """NLL of targets (...,) under hidden (..., d_hidden): a scalar, or (N,) for 'none'."""
-        return self._output().loss(hidden, targets, self.map, reduction, ignore_index, label_smoothing)
+        return self._output().loss(hidden, targets, self._out_map(), reduction, ignore_index,
+                                   label_smoothing)
 
     def log_probs(self, hidden):                    # (..., d_hidden) -> (..., V) float32
-        return self._output().log_probs(hidden, self.map)
+        return self._output().log_probs(hidden, self._out_map())
 
     def _output(self):
         if self.out is None:
             raise RuntimeError("this TokenIO was built with output=False: it embeds, it does not predict")
         return self.out
 
+    def _out_map(self):                             # the tables the output reads
+        return self.map if self.out_map is None else self.out_map
+
     @torch.no_grad()
-    def cache(self, chunk=65536):
+    def cache(self, chunk=8192):
         """Replace the input path by one (V, d_embed) lookup table, computed once in eval mode.
         Returns its size; train() drops it (the weights it froze may change)."""
         if self.training:

@@ -64,6 +64,8 @@ DEFAULTS = dict(
     unit_norm=True,           # LayerNorm in each unit layer (the LSTM presets turn it off)
     unit_lr=1.0,              # the DeFINE unit's learning rate, as a multiple of lr
     dedup=True,               # run DeFINE once per distinct token of a batch
+    tied=None,                # output reuses the input tables (None: yes; False: tables of its own)
+    out_factor=None,          # untied output's band divisor (None: factor; standard + 4 = ASM)
     # --- language-model batching
     batch_size=20,            # streams (columns) in a global batch
     micro_batch=None,         # streams per rank per micro-step (None: batch_size / ranks)
@@ -196,6 +198,7 @@ def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None, output=True
     scale = d_model ** 0.5 if cfg['model'] in ('txl', 'nmt') and e != 'define' else 1.0
     kw = dict(cutoffs=cfg['cutoffs'], d_hidden=d_hidden, init_std=init_std, embed_scale=scale,
               factor=None if e == 'standard' else cfg['factor'], output=output)
+    kw.update(tied=cfg['tied'], out_factor=cfg['out_factor'])   # untied outputs (define.TokenIO)
     if e == 'define':
         kw.update(n=cfg['n'], k=cfg['k'], m=cfg['m'] or d_model, depth=cfg['depth'],
                   g_max=cfg['g_max'], variant=cfg['variant'],

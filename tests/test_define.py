@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import ROOT
-from define import (KINDS, VARIANTS, AdaptiveInput, AdaptiveSoftmax, DeFINE, GroupLinear,
-                    TokenIO, count_params)
+from define import (KINDS, VARIANTS, WORD_KINDS, AdaptiveInput, AdaptiveSoftmax, CharCNN,
+                    DeFINE, GroupLinear, TokenIO, count_params)
 
 WT103_V, WT103_CUTOFFS = 267_735, [20000, 40000, 200000]
 
@@ -314,10 +314,16 @@ def test_adaptive_softmax_matches_torch_adaptive_log_softmax():
     torch.testing.assert_close(ours.loss(h, target, inp), ref(h, target).loss)
 
 
+# 120 made-up words of 1..9 letters, some longer than the cap of 6 characters
+WORDS = [''.join(chr(97 + (i * 7 + j * 3) % 26) for j in range(1 + i % 9)) for i in range(120)]
+
+
 def _io(kind, **kw):
     args = dict(vocab_size=120, d_model=24, n=16, cutoffs=[10, 40], k=32, depth=2, g_max=2)
     if kind == 'standard':
         args['n'] = 24
+    if kind == 'cnn':
+        args.update(words=WORDS, char_dim=3, char_filters=((1, 4), (2, 6), (3, 6)), max_chars=6)
     args.update(kw)
     return TokenIO(kind, **args).double()
 
@@ -326,7 +332,7 @@ CONFIGS = [dict(), dict(cutoffs=[]), dict(d_hidden=8), dict(cutoffs=[], d_hidden
            dict(factor=2), dict(embed_scale=3.0)]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + WORD_KINDS)
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_log_probs_normalised_and_loss_is_their_nll(kind, cfg):
     if kind == 'standard' and cfg.get('factor'):
@@ -385,7 +391,7 @@ def test_compiled_loss_equals_eager():
         torch.testing.assert_close(torch.autograd.grad(got, h2)[0], torch.autograd.grad(want, h1)[0])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + WORD_KINDS)
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_cache_reproduces_embed_for_every_token(kind, cfg):
     if kind == 'standard' and cfg.get('factor'):
@@ -416,10 +422,10 @@ def test_cache_needs_eval_mode():
         _io('define').cache()
 
 
-@pytest.mark.parametrize("cutoffs", [[], [10, 40]])
-def test_dedup_is_the_same_function_and_gradient(cutoffs):
-    a = _io('define', cutoffs=cutoffs)
-    b = _io('define', cutoffs=cutoffs, dedup=True)
+@pytest.mark.parametrize("kind,cutoffs", [('define', []), ('define', [10, 40]), ('cnn', [])])
+def test_dedup_is_the_same_function_and_gradient(kind, cutoffs):
+    a = _io(kind, cutoffs=cutoffs)
+    b = _io(kind, cutoffs=cutoffs, dedup=True)
     b.load_state_dict(a.state_dict())
     ids = torch.randint(0, 30, (9, 4))           # many repeats
     ya, yb = a.embed(ids), b.embed(ids)
@@ -517,3 +523,181 @@ def test_input_only_token_io_embeds_and_refuses_to_predict():
     assert count_params(io)['io'] < count_params(_io('define'))['io']
     with pytest.raises(RuntimeError, match="output=False"):
         io.loss(torch.randn(2, 24, dtype=torch.double), torch.tensor([1, 2]))
+
+
+# ---------------------------------------------------------------- untied outputs (Baevski & Auli)
+
+def _copy_torch_adaptive_softmax(ref, io):
+    """ref's weights into an untied TokenIO's own tables: head = band 0 + cluster logits,
+    tail i = Linear(d, d/4^i) (our band projection, transposed) then Linear(d/4^i, V_i)."""
+    with torch.no_grad():
+        c0 = io.out_map.bounds[1]
+        io.out_map.tables[0].copy_(ref.head.weight[:c0])
+        io.out.cluster.weight.copy_(ref.head.weight[c0:])
+        for i, tail in enumerate(ref.tail, 1):
+            io.out_map.projs[i].copy_(tail[0].weight.t())
+            io.out_map.tables[i].copy_(tail[1].weight)
+
+
+def _words(v):
+    return [''.join(chr(97 + (i * 5 + j) % 26) for j in range(1 + i % 7)) + str(i) for i in range(v)]
+
+
+@pytest.mark.parametrize("kind,kw", [('adaptive', {}),                     # ADP
+                                     ('standard', dict(out_factor=4)),     # ASM
+                                     ('cnn', dict(words=_words(300), char_filters=((1, 4), (2, 4))))])
+def test_untied_adaptive_softmax_matches_torch_adaptive_log_softmax(kind, kw):
+    d, V, cutoffs = 32, 300, [20, 100]
+    io = TokenIO(kind, V, d, cutoffs=cutoffs, tied=False, out_bias=False, **kw).double()
+    ref = nn.AdaptiveLogSoftmaxWithLoss(d, V, cutoffs, div_value=4.0, head_bias=False).double()
+    _copy_torch_adaptive_softmax(ref, io)
+    h = torch.randn(50, d, dtype=torch.double)
+    target = torch.randint(0, V, (50,))
+    target[:3] = torch.tensor([5, 50, 250])       # every cluster present
+    torch.testing.assert_close(io.log_probs(h), ref.log_prob(h))
+    torch.testing.assert_close(io.loss(h, target), ref(h, target).loss)
+
+
+@pytest.mark.parametrize("reduction", ['mean', 'none'])
+@pytest.mark.parametrize("kind", ['standard', 'projective'])
+def test_untied_full_softmax_equals_cross_entropy_of_its_own_table(kind, reduction):
+    io = _io(kind, cutoffs=[], tied=False)           # SM; projective: an n-wide table, n -> d
+    with torch.no_grad():
+        io.out.bias.normal_()
+    h = torch.randn(4, 6, 24, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 120, (4, 6))
+    got = io.loss(h, y, reduction=reduction)
+    table, proj = io.out_map.tables[0], io.out_map.projs[0]
+    logits = (h if proj is None else h @ proj) @ table.T + io.out.bias
+    want = F.cross_entropy(logits.reshape(-1, 120), y.reshape(-1), reduction=reduction)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(io.log_probs(h), F.log_softmax(logits, -1))
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [h, table], g), torch.autograd.grad(want, [h, table], g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_untied_output_neither_reads_nor_trains_the_input_tables(kind, tied):
+    io = _io(kind, tied=tied)
+    assert (io.out_map is None) == tied
+    h = torch.randn(9, io.d_hidden, dtype=torch.double)
+    y = torch.randint(0, 120, (9,))
+    y[:3] = torch.tensor([1, 20, 100])              # every band present
+    before = io.log_probs(h)
+    with torch.no_grad():
+        for t in io.map.tables:
+            t.add_(torch.randn_like(t))
+    assert torch.allclose(io.log_probs(h), before) != tied
+    io.loss(h, y).backward()
+    assert all(t.grad is None for t in io.map.tables) != tied
+    if not tied:
+        assert all(p.grad is not None for p in io.out_map.parameters())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cutoffs", [[], [10, 40]])
+def test_untied_count_adds_exactly_the_output_tables(kind, cutoffs):
+    tied, untied = _io(kind, cutoffs=cutoffs), _io(kind, cutoffs=cutoffs, tied=False)
+    n, factor = (24, 1) if kind == 'standard' else (16, 4 if kind == 'adaptive' else 1)
+    d_map = 16 if kind == 'define' else 24
+    bounds = [0] + cutoffs + [120]
+    widths = [n // factor ** i for i in range(len(bounds) - 1)]
+    own = sum((hi - lo) * w + (w * d_map if w != d_map else 0)    # table, band projection
+              for lo, hi, w in zip(bounds, bounds[1:], widths))
+    assert own == sum(p.numel() for p in untied.out_map.parameters())
+    assert count_params(untied)['io'] - count_params(tied)['io'] == own
+
+
+def test_asm_wt103_count():
+    """Embedding input + untied adaptive softmax (bands d, d/4, d/16 over Baevski & Auli's
+    cutoffs, no bias): every table and projection written out."""
+    V, d, C = WT103_V, 1024, [20000, 60000]
+    with torch.device('meta'):
+        io = TokenIO('standard', V, d, cutoffs=C, tied=False, out_factor=4)
+    want = (V * d                                                   # input table
+            + 20000 * d + 40000 * 256 + (V - 60000) * 64            # output tables
+            + 256 * d + 64 * d + 2 * d)                             # tail projections, clusters
+    assert count_params(io)['io'] == want
+
+
+def test_untied_and_cnn_configurations_raise_value_error():
+    with pytest.raises(ValueError, match="pass words="):
+        TokenIO('cnn', 4, 8)
+    with pytest.raises(ValueError, match="pass words="):
+        TokenIO('cnn', 4, 8, words=['a', 'b'])
+    with pytest.raises(ValueError, match="no table to tie"):
+        TokenIO('cnn', 2, 8, words=['a', 'b'], tied=True)
+    with pytest.raises(ValueError, match="tied=False"):
+        TokenIO('standard', 100, 8, cutoffs=[10], out_factor=4)
+
+
+# ---------------------------------------------------------------- character CNN (Kim et al.)
+
+def _cnn_oracle(cnn, words, cap):
+    """Per word, written out: spell it (0 pad, 1 begin, 2 end, 3.. the sorted characters of
+    the cut words), zero-pad to the longest, every window of every filter, ReLU, max over
+    time, highway layers (rows [:F] transform, [F:] gate), the projection."""
+    alphabet = sorted(set(''.join(w[:cap] for w in words)))
+    rows = [[1] + [3 + alphabet.index(c) for c in w[:cap]] + [2] for w in words]
+    L = max(max(map(len, rows)), max(conv.kernel_size[0] for conv in cnn.convs))
+    out = []
+    for row in rows:
+        E = torch.cat([cnn.char_emb.weight[row], cnn.char_emb.weight.new_zeros(L - len(row),
+                                                                              cnn.char_emb.weight.shape[1])])
+        feats = []
+        for conv in cnn.convs:
+            W, b, w = conv.weight, conv.bias, conv.kernel_size[0]      # W: (f, c, w)
+            windows = [(W * E[t:t + w].T).sum((1, 2)) + b for t in range(L - w + 1)]
+            feats.append(torch.stack(windows).relu().max(0).values)
+        y = torch.cat(feats)
+        for hw in cnn.highway:
+            f = y.numel()
+            h = torch.relu(hw.weight[:f] @ y + hw.bias[:f])
+            t = torch.sigmoid(hw.weight[f:] @ y + hw.bias[f:])
+            y = t * h + (1 - t) * y
+        out.append(cnn.proj.weight @ y + cnn.proj.bias)
+    return torch.stack(out)
+
+
+def test_char_cnn_equals_per_word_loop():
+    words = ['the', 'a', 'cat', 'supercalifragilistic', '<unk>', 'é', 'cats', 'x']
+    io = TokenIO('cnn', len(words), 7, words=words, char_dim=5, char_filters=((1, 3), (2, 4), (4, 5)),
+                 char_highway=2, max_chars=8).double()
+    with torch.no_grad():                           # biases away from their init constants
+        for p in io.map.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        io.map.char_emb.weight[0] = 0               # the pad row stays zero (padding_idx)
+    want = _cnn_oracle(io.map, words, 8)
+    torch.testing.assert_close(io.map(torch.arange(len(words))), want)
+    ids = torch.randint(0, len(words), (5, 3))      # (T, B)
+    torch.testing.assert_close(io.embed(ids), want[ids])
+
+
+def test_char_cnn_cuts_words_at_max_chars():
+    words = ['abcdefghij', 'abcdefghXY', 'abcdefgXij', 'ab']
+    cnn = CharCNN(words, 6, char_dim=3, filters=((1, 2), (3, 2)), max_chars=8).double()
+    assert cnn.chars.shape == (4, 8 + 2)           # begin + 8 characters + end
+    y = cnn(torch.arange(4))
+    torch.testing.assert_close(y[0], y[1])          # they differ only after character 8
+    assert not torch.allclose(y[0], y[2])           # character 8 differs
+
+
+@pytest.mark.parametrize("kind,kw", [('cnn', {}), ('cnn', dict(cutoffs=[])),
+                                     ('standard', dict(cutoffs=[], tied=False)),
+                                     ('standard', dict(tied=False, out_factor=4)),
+                                     ('adaptive', dict(tied=False)), ('define', dict(tied=False))])
+def test_tiny_model_trains(kind, kw):
+    io = _io(kind, **kw).float()
+    ctx = nn.Linear(io.d_embed, io.d_hidden)        # a bigram model
+    opt = torch.optim.Adam([*io.parameters(), *ctx.parameters()], lr=1e-2)
+    ids = torch.randint(0, 120, (16, 4))
+    losses = []
+    for _ in range(40):
+        loss = io.loss(torch.tanh(ctx(io.embed(ids[:-1], drop=0.1))), ids[1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
