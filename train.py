@@ -41,7 +41,7 @@ DEFAULT_PRESET = dict(lstm='ptb_awd_lstm', txl='wt2_txl', nmt='multi30k_transfor
 DEFAULTS = dict(
     # --- what to run
     model='txl',              # lstm | txl | nmt
-    embed='define',           # standard | projective | adaptive | define
+    embed='define',           # standard | projective | adaptive | define | cnn (characters)
     config=None,              # preset in config/ (default: DEFAULT_PRESET[model])
     dataset='wikitext-2',     # ptb | wikitext-2 | wikitext-103 | multi30k | wmt14_en_de
     data_dir=None,            # a local copy of the corpora (DIR/<dataset>/...)
@@ -106,7 +106,8 @@ DEFAULTS = dict(
     overwrite=False,          # a new run may replace the run in out_dir
     embed_cache=False,        # --eval-only, --translate: replace the input path by its table
 )
-CHOICES = dict(model=('lstm', 'txl', 'nmt'), embed=('standard', 'projective', 'adaptive', 'define'),
+CHOICES = dict(model=('lstm', 'txl', 'nmt'),
+               embed=('standard', 'projective', 'adaptive', 'define', 'cnn'),
                device=('auto', 'cpu', 'cuda'), dtype=('bfloat16', 'float32'),
                optimizer=('sgd', 'adam'), schedule=('constant', 'cosine', 'step', 'noam'))
 
@@ -190,12 +191,12 @@ def check(cfg):   # one clear line for a value that would fail later, or silentl
 
 # ------------------------------------------------------------------------------ building
 
-def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None, output=True):
+def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None, output=True, words=None):
     e = cfg['embed']
     # Transformers scale a table lookup by sqrt(d) (its rows start with std ~ d^-1/2 or 0.02);
     # a DeFINE unit ends in a Reduce of LayerNorm-ed features, already O(1): scaling it too
     # made it ~16x the position signal and broke bf16 training of the translation model
-    scale = d_model ** 0.5 if cfg['model'] in ('txl', 'nmt') and e != 'define' else 1.0
+    scale = d_model ** 0.5 if cfg['model'] in ('txl', 'nmt') and e not in ('define', 'cnn') else 1.0
     kw = dict(cutoffs=cfg['cutoffs'], d_hidden=d_hidden, init_std=init_std, embed_scale=scale,
               factor=None if e == 'standard' else cfg['factor'], output=output)
     kw.update(tied=cfg['tied'], out_factor=cfg['out_factor'])   # untied outputs (define.TokenIO)
@@ -204,24 +205,28 @@ def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None, output=True
                   g_max=cfg['g_max'], variant=cfg['variant'],
                   unit_dropout=cfg['unit_dropout'], unit_norm=cfg['unit_norm'], dedup=cfg['dedup'])
     elif e != 'standard':
-        kw.update(n=cfg['n'])
+        kw.update(n=cfg['n'], words=words)
     return TokenIO(e, vocab_size, d_model, **kw)
 
 
-def build_model(cfg, vocab):
-    """vocab: an int, or (src, tgt) sizes for translation."""
+def build_model(cfg, vocab, words=None):
+    """vocab: an int, or (src, tgt) sizes for translation; words: the vocabulary's strings
+    (the character CNN reads them)."""
+    if cfg['embed'] == 'cnn' and (cfg['model'] == 'nmt' or words is None):
+        sys.exit("error: --embed cnn needs a language model and its corpus's words (they are "
+                 "read when training and stored in its checkpoints)")
     if cfg['model'] == 'lstm':
         from lstm_lm import AWDLSTM
         d = cfg['d_model'] or cfg['n']
         n = d if cfg['embed'] == 'standard' or cfg['n'] is None else cfg['n']
         # the last LSTM layer is as wide as the tied table: n for DeFINE, d otherwise
-        io = build_io(cfg, vocab, d, d_hidden=n if cfg['embed'] == 'define' else d)
+        io = build_io(cfg, vocab, d, d_hidden=n if cfg['embed'] == 'define' else d, words=words)
         return AWDLSTM(io, cfg['lstm_hidden'], cfg['lstm_layers'], cfg['dropout'],
                        cfg['dropouth'], cfg['dropouti'], cfg['dropoute'], cfg['wdrop'],
                        cfg['alpha'], cfg['beta'], cfg['rnn_fp32'])
     if cfg['model'] == 'txl':
         from txl_lm import TransformerXL
-        io = build_io(cfg, vocab, cfg['d_model'], init_std=0.02)   # the published init
+        io = build_io(cfg, vocab, cfg['d_model'], init_std=0.02, words=words)   # published init
         return TransformerXL(io, cfg['n_layer'], cfg['n_head'], cfg['d_head'], cfg['d_inner'],
                              cfg['dropout'], cfg['dropatt'], cfg['mem_len'], cfg['clamp_len'],
                              cfg['same_length'], cfg['pre_norm'])
@@ -550,7 +555,8 @@ def train(cfg, env):
                 f"using {vocab}")
     cfg['vocab_size'] = vocab
     torch.manual_seed(cfg['seed'])              # the same initial weights on every rank
-    model = build_model(cfg, vocab).to(env.device)
+    words = corpus.vocab if cfg['model'] != 'nmt' else None   # the strings (the character CNN)
+    model = build_model(cfg, vocab, words).to(env.device)
     print_params(model, env.log)
     env.log(f"batch: {batch_note}")
     opt = make_optimizer(cfg, model, fused=env.device.type == 'cuda')
@@ -589,8 +595,8 @@ def train(cfg, env):
         if env.world > 1:
             dist.all_gather_object(per_rank, mine)
         if env.master and cfg['save']:
-            extra = {} if cfg['model'] != 'nmt' else dict(vocab=dict(src=corpus.src_vocab,
-                                                                    tgt=corpus.tgt_vocab))
+            extra = dict(words=words) if cfg['model'] != 'nmt' else dict(
+                vocab=dict(src=corpus.src_vocab, tgt=corpus.tgt_vocab))
             save_checkpoint(Path(cfg['out_dir']) / name, dict(
                 model=model.state_dict(), optimizer=opt.state_dict(), averager=avg.state_dict(),
                 batches=batches.state_dict(), train=st, per_rank=per_rank, config=cfg, **extra))
@@ -601,8 +607,8 @@ def train(cfg, env):
             v = evaluate(model, eval_batches('valid'), env)
         best = v < st['best_val']
         if best and env.master and cfg['save']:
-            save_checkpoint(Path(cfg['out_dir']) / 'best.pt',
-                            dict(model=model.state_dict(), config=cfg, train=st))
+            save_checkpoint(Path(cfg['out_dir']) / 'best.pt', dict(
+                model=model.state_dict(), config=cfg, train=st, words=words))
         avg.swap()
         check_finite(v, st['step'], env.log)
         env.log(f"eval | step {st['step']} | epoch {batches.epoch} | valid loss {v:.3f} | "
@@ -724,7 +730,7 @@ def use_embed_cache(model, log):
 def trained_model(cfg, env):
     """The model of --resume's checkpoint (ckpt.pt or best.pt; cfg holds its settings)."""
     ck = load_checkpoint(cfg['resume'])
-    model = build_model(cfg, cfg['vocab_size'])
+    model = build_model(cfg, cfg['vocab_size'], ck.get('words'))
     load_model_state(model, ck, cfg)
     model.to(env.device).eval()
     if cfg['embed_cache']:

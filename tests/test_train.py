@@ -159,14 +159,18 @@ def test_tiny_lstm_learns_real_ptb(data_root, cache, tmp_path, capsys):
     assert {'step', 'tokens', 'train_loss', 'lr', 'tok_s'} <= set(rows[1])
 
 
-@pytest.mark.parametrize("embed", ['standard', 'projective', 'adaptive', 'define'])
+@pytest.mark.parametrize("embed", ['standard', 'projective', 'adaptive', 'define', 'cnn'])
 def test_txl_runs_with_every_embedding(embed, data_root, cache, tmp_path):
-    extra = ['--cutoffs', '[2000,10000]'] if embed == 'adaptive' else []
+    extra = ['--cutoffs', '[2000,10000]'] if embed in ('adaptive', 'cnn') else []
     if embed == 'standard':
         extra += ['--n', 'None']
     res, _ = run(TINY_TXL + ['--embed', embed, '--data-dir', data_root, '--cache-dir', cache,
                              '--out-dir', tmp_path, '--max-iters', '3'] + extra)
     assert math.isfinite(res['test_ppl'])
+    if embed == 'cnn':   # the checkpoint carries the words the character CNN reads
+        ev, _ = run(['--eval-only', '--resume', tmp_path, '--data-dir', data_root,
+                     '--cache-dir', cache, '--out-dir', tmp_path / 'eval'])
+        assert ev['test_ppl'] == pytest.approx(res['test_ppl'], rel=1e-5)
 
 
 def test_eval_with_the_embedding_cache_equals_eval_without(data_root, cache, tmp_path, capsys):
