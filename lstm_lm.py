@@ -16,6 +16,7 @@ the table: 400 for the standard PTB model, n = 128 with DeFINE.
 
 forward(ids, targets, state) -> (loss, state): loss is the mean negative log-likelihood, plus
 AR and TAR in training mode (what training minimises); state the detached (h, c) per layer.
+Without targets: (hidden (T, B, d_hidden), state), for sampling.
 """
 from contextlib import nullcontext
 
@@ -64,7 +65,8 @@ class AWDLSTM(nn.Module):
             y, h, c = torch.lstm(x, hc, w, True, 1, 0.0, True, False, False)
             return y, (h, c)
 
-    def forward(self, ids, targets, state=None):   # ids, targets: (T, B)
+    def forward(self, ids, targets=None, state=None):   # ids, targets: (T, B)
+        """-> (loss, new state); without targets (hidden (T, B, d_hidden), new state)."""
         if state is not None:   # torch.lstm checks no sizes: a wrong state would crash the process
             shapes = [[tuple(s.shape) for s in hc] for hc in state]
             if len(state) != len(self.rnns) or any(
@@ -81,6 +83,8 @@ class AWDLSTM(nn.Module):
             raw = x
             last = l == len(self.rnns) - 1
             x = locked_dropout(x, self.dropout if last else self.dropouth, self.training)
+        if targets is None:
+            return x, new_state
         loss = self.io.loss(x, targets)                         # x: (T, B, d_hidden)
         if self.training:
             if self.alpha:

@@ -5,7 +5,8 @@
     python train.py --config wt103_txl --embed define --n 128 --count-params
     torchrun --standalone --nproc_per_node=2 train.py --config ptb_awd_lstm   # DDP
     python train.py --eval-only --resume out/ckpt.pt
-    python train.py --model nmt --translate --resume out/ckpt.pt < sentences.txt
+
+sample.py uses a trained checkpoint: samples text, scores a file, translates raw text.
 
 Every setting is a key of DEFAULTS below; a preset (config/NAME.py, plain assignments; without
 --config the model's own, DEFAULT_PRESET) overrides them, and the command line overrides both.
@@ -89,7 +90,6 @@ DEFAULTS = dict(
     max_tokens=4096,          # tokens per rank per micro-batch
     batch_tokens=None,        # tokens per optimizer step (None: max_tokens x ranks)
     beam=4, lenpen=0.6, max_len_b=50, bleu_tokenize='none', avg_last=0,
-    translate=False,          # read sentences on stdin, print translations
     # --- optimisation
     optimizer='sgd',          # sgd | adam
     lr=30.0, weight_decay=1.2e-6, beta1=0.9, beta2=0.999, grad_clip=0.25,
@@ -104,7 +104,7 @@ DEFAULTS = dict(
     save=True,                # checkpoints (metrics.jsonl is always written)
     save_interval=None,       # steps between checkpoints (None: at every evaluation)
     overwrite=False,          # a new run may replace the run in out_dir
-    embed_cache=False,        # --eval-only, --translate: replace the input path by its table
+    embed_cache=False,        # --eval-only: replace the input path by its cached table
 )
 CHOICES = dict(model=('lstm', 'txl', 'nmt'),
                embed=('standard', 'projective', 'adaptive', 'define', 'cnn'),
@@ -121,7 +121,7 @@ RESUMABLE = {'max_epochs', 'max_iters', 'log_interval', 'eval_interval', 'save_i
              'eval_mem_len', 'eval_clamp_len', 'eval_same_length', 'data_dir', 'cache_dir',
              'out_dir', 'device', 'dtype', 'compile', 'cuda_graphs', 'save', 'embed_cache',
              'beam', 'lenpen', 'max_len_b', 'bleu_tokenize', 'avg_last', 'lr', 'grad_clip',
-             'translate', 'eval_only', 'count_params', 'resume', 'overwrite', 'config'}
+             'eval_only', 'count_params', 'resume', 'overwrite', 'config'}
 POSITIVE = ('batch_size', 'micro_batch', 'bptt', 'd_model', 'n', 'k', 'm', 'depth', 'g_max',
             'lstm_hidden', 'lstm_layers', 'n_layer', 'n_head', 'd_head', 'd_inner', 'enc_layers',
             'dec_layers', 'd_ff', 'max_tokens', 'batch_tokens', 'eval_batch_size',
@@ -557,6 +557,9 @@ def train(cfg, env):
     torch.manual_seed(cfg['seed'])              # the same initial weights on every rank
     words = corpus.vocab if cfg['model'] != 'nmt' else None   # the strings (the character CNN)
     model = build_model(cfg, vocab, words).to(env.device)
+    # checkpoints carry the vocabulary, so that sample.py needs no corpus
+    vocabulary = dict(words=words) if words else dict(vocab=dict(src=corpus.src_vocab,
+                                                                 tgt=corpus.tgt_vocab))
     print_params(model, env.log)
     env.log(f"batch: {batch_note}")
     opt = make_optimizer(cfg, model, fused=env.device.type == 'cuda')
@@ -595,11 +598,9 @@ def train(cfg, env):
         if env.world > 1:
             dist.all_gather_object(per_rank, mine)
         if env.master and cfg['save']:
-            extra = dict(words=words) if cfg['model'] != 'nmt' else dict(
-                vocab=dict(src=corpus.src_vocab, tgt=corpus.tgt_vocab))
             save_checkpoint(Path(cfg['out_dir']) / name, dict(
                 model=model.state_dict(), optimizer=opt.state_dict(), averager=avg.state_dict(),
-                batches=batches.state_dict(), train=st, per_rank=per_rank, config=cfg, **extra))
+                batches=batches.state_dict(), train=st, per_rank=per_rank, config=cfg, **vocabulary))
 
     def evaluate_and_save():
         avg.swap()                              # NT-ASGD evaluates the averaged weights
@@ -608,7 +609,7 @@ def train(cfg, env):
         best = v < st['best_val']
         if best and env.master and cfg['save']:
             save_checkpoint(Path(cfg['out_dir']) / 'best.pt', dict(
-                model=model.state_dict(), config=cfg, train=st, words=words))
+                model=model.state_dict(), config=cfg, train=st, **vocabulary))
         avg.swap()
         check_finite(v, st['step'], env.log)
         env.log(f"eval | step {st['step']} | epoch {batches.epoch} | valid loss {v:.3f} | "
@@ -738,19 +739,6 @@ def trained_model(cfg, env):
     return model, ck
 
 
-def translate_stdin(cfg, env):
-    model, ck = trained_model(cfg, env)
-    if 'vocab' not in ck:
-        sys.exit(f"error: {cfg['resume']} holds no vocabulary: it is not a translation checkpoint")
-    stoi = {w: i for i, w in enumerate(ck['vocab']['src'])}
-    lower = cfg['corpus_variant'] == 'tok'     # the official Multi30k files are lowercased
-    sents = [[stoi.get(w, 1) for w in (ln.lower() if lower else ln).split()] for ln in sys.stdin]
-    with env.ctx:
-        hyps = model.translate(sents, cfg['beam'], cfg['lenpen'], cfg['max_len_b'])
-    for h in hyps:
-        print(D.detokenize(h, ck['vocab']['tgt']))
-
-
 def eval_only(cfg, env):
     model, ck = trained_model(cfg, env)
     corpus, _, _, eval_batches = load_data(cfg, env)
@@ -772,14 +760,11 @@ def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
     if cfg['count_params']:
         return count_only(cfg)
-    if (cfg['translate'] or cfg['eval_only']) and not cfg['resume']:
-        sys.exit(f"error: --{'translate' if cfg['translate'] else 'eval-only'} needs --resume CHECKPOINT")
+    if cfg['eval_only'] and not cfg['resume']:
+        sys.exit("error: --eval-only needs --resume CHECKPOINT")
     env = setup(cfg)
-    if not cfg['translate']:
-        env.log('settings: ' + ' '.join(f'{k}={v!r}' for k, v in cfg.items() if v != DEFAULTS[k]))
+    env.log('settings: ' + ' '.join(f'{k}={v!r}' for k, v in cfg.items() if v != DEFAULTS[k]))
     try:
-        if cfg['translate']:
-            return translate_stdin(cfg, env)
         return eval_only(cfg, env) if cfg['eval_only'] else train(cfg, env)
     finally:
         if env.world > 1:

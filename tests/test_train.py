@@ -348,20 +348,18 @@ def test_nmt_runs_with_every_embedding_and_translates(embed, data_root, cache, t
                                '--out-dir', tmp_path, '--max-iters', '3'] + extra, capsys)
     assert math.isfinite(res['test_ppl']) and 0 <= res['test_bleu'] <= 100
     assert 'BLEU test' in out and 'tok:none' in out
-    if embed == 'define':   # the translation entry point: sentences on stdin, one line each out
+    if embed == 'define':   # sample.py translates: one line out per line in
         import io
-        monkeypatch.setattr(sys, 'stdin', io.StringIO("a man rides a bike .\ntwo dogs play\n"))
-        _, out = run(['--model', 'nmt', '--translate', '--resume', tmp_path / 'ckpt.pt',
-                      '--device', 'cpu', '--max-len-b', '4'], capsys)
-        lines = out.splitlines()
-        assert len(lines) == 2
-        # in eval mode (dropout off), so with and without the embedding cache it is the same
+        import sample
+        outs = []
+        for cache_flag in ([], ['--embed-cache']):
+            monkeypatch.setattr(sys, 'stdin', io.StringIO("a man rides a bike .\ntwo dogs play\n"))
+            sample.main(['--resume', str(tmp_path), '--device', 'cpu', '--translate']
+                        + cache_flag)
+            outs.append(capsys.readouterr().out.splitlines())
+        # in eval mode (dropout off), with and without the embedding cache it is the same
         # function: the same translations
-        monkeypatch.setattr(sys, 'stdin', io.StringIO("a man rides a bike .\ntwo dogs play\n"))
-        _, out = run(['--model', 'nmt', '--translate', '--resume', tmp_path / 'ckpt.pt',
-                      '--device', 'cpu', '--max-len-b', '4', '--embed-cache', 'True'], capsys)
-        cached = [ln for ln in out.splitlines() if not ln.startswith('embedding cache')]
-        assert cached == lines
+        assert len(outs[0]) == 2 and outs[1] == outs[0]
 
 
 @pytest.mark.parametrize("optimizer", ['sgd', 'adam'])

@@ -1,0 +1,250 @@
+"""Use a trained model: sample text from a language model, score a text file under it, or
+translate with a translation model. The checkpoint is one written by train.py (ckpt.pt or
+best.pt, or the run folder: folder/ckpt.pt) and brings its own settings.
+
+    python sample.py --resume out/ --start "the meaning of" --num-samples 2 --max-new-tokens 50
+    python sample.py --resume out/best.pt --eval-file my_text.txt      # perplexity, OOV rate
+    python sample.py --resume out/ --translate < sentences.en > sentences.de
+    python sample.py --resume out/ --translate --keep-tokenized < raw/test_2016_flickr.en > hyp.tok
+
+Text goes to stdout, everything else to stderr. The model is built, loaded and evaluated with
+train.py's own functions; --embed-cache swaps DeFINE's input path for its cached table (the
+same outputs). Translation reads raw text: it is tokenized as the training corpus was (Moses,
+escaped, lowercased for Multi30k's tok files) and the output detokenized, unless
+--keep-tokenized (the form of the tok reference files, for sacreBLEU with --tokenize none).
+"""
+import argparse
+import re
+import sys
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data as D
+import train
+
+
+def get_args(argv):
+    ap = argparse.ArgumentParser(prog='sample.py', description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a('--resume', required=True, help='a checkpoint written by train.py, or its run folder')
+    a('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    a('--seed', type=int, default=1337)
+    a('--embed-cache', action='store_true', help="DeFINE's input path replaced by its cached table")
+    a('--data-dir', help="the corpus, for a checkpoint without vocabulary (default: its own)")
+    a('--cache-dir', help="data.py's cache of tokenized corpora (default: the checkpoint's)")
+    a('--start', default='', help='sampling: the prompt, words separated by spaces')
+    a('--num-samples', type=int, default=1)
+    a('--max-new-tokens', type=int, default=50)
+    a('--temperature', type=float, default=0.8, help='0: always the most likely word')
+    a('--top-k', type=int, default=200, help='sample among the k most likely words (0: all)')
+    a('--eval-file', help="LMs: the perplexity of this text file's words ('<eos>' per line)")
+    a('--translate', action='store_true', help='translation models: stdin -> stdout, line by line')
+    a('--keep-tokenized', action='store_true', help='print translations tokenized and escaped')
+    a('--batch-lines', type=int, default=16, help='lines translated together (1 at a terminal)')
+    a('--verbose', action='store_true', help='unknown words per line')
+    args = ap.parse_args(argv)
+    for key in ('num_samples', 'batch_lines'):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
+        ap.error('--max-new-tokens, --temperature and --top-k cannot be negative')
+    return args
+
+
+def load(args, log):
+    path = Path(args.resume)
+    path = path / 'ckpt.pt' if path.is_dir() else path
+    ck = train.load_checkpoint(path)      # one error line if missing or unreadable
+    # settings added to train.py after the checkpoint was written take their defaults
+    cfg = {**train.DEFAULTS, **ck['config'], 'device': args.device, 'resume': str(path)}
+    env = train.setup(cfg)                # device and autocast (its log prints to stdout: unused)
+    model = train.build_model(cfg, cfg['vocab_size'], ck.get('words'))   # words: LMs' vocabulary
+    train.load_model_state(model, ck, cfg)
+    model.to(env.device).eval()
+    steps = ck.get('train', {}).get('step', '?')
+    log(f"{path}: {cfg['model']}, {cfg['embed']} embeddings, step {steps}")
+    if args.embed_cache:
+        train.use_embed_cache(model, log)
+    return ck, cfg, env, model
+
+
+def vocabulary(ck, cfg, args, log):
+    """LMs: id -> word; translation: dict(src=[...], tgt=[...])."""
+    key = 'vocab' if cfg['model'] == 'nmt' else 'words'
+    if ck.get(key) is not None:
+        return ck[key]
+    # older LM checkpoints hold none, nor does a translation model's best.pt: rebuild it as
+    # training built it (ids sorted by training counts)
+    where = dict(data_dir=args.data_dir or cfg['data_dir'],
+                 cache_dir=args.cache_dir or cfg['cache_dir'])
+    if cfg['model'] == 'nmt':
+        c = D.parallel_corpus(cfg['dataset'], cfg['src_lang'], cfg['tgt_lang'],
+                              joint_vocab=cfg['joint_vocab'] or cfg['share_embed'],
+                              max_vocab=cfg['max_vocab'], variant=cfg['corpus_variant'], **where)
+        vocab, want = dict(src=c.src_vocab, tgt=c.tgt_vocab), list(cfg['vocab_size'])
+    else:
+        vocab, want = D.lm_corpus(cfg['dataset'], **where).vocab, [cfg['vocab_size']]
+    size = [len(v) for v in vocab.values()] if cfg['model'] == 'nmt' else [len(vocab)]
+    if size != want:
+        sys.exit(f"error: the {cfg['dataset']} corpus found has vocabularies of {size} words, "
+                 f"the model {want}; point --data-dir at the copy it was trained on")
+    log(f"vocabulary: {' + '.join(f'{n:,}' for n in size)} words rebuilt from the {cfg['dataset']} "
+        f"training split (the checkpoint holds none)")
+    return vocab
+
+
+def to_ids(words, stoi):   # words -> ids and how many were unknown (mapped to <unk>)
+    unk = stoi.get('<unk>')
+    unknown = sum(w not in stoi for w in words)
+    if unknown and unk is None:
+        sys.exit("error: the vocabulary has no '<unk>' for words it does not know: "
+                 + ', '.join(w for w in words if w not in stoi)[:200])
+    return [stoi.get(w, unk) for w in words], unknown
+
+
+def step(model, cfg, x, state):
+    """x (T, B) ids -> log-probs of the next word (B, V) and the carried state: the AWD-LSTM's
+    (h, c) per layer, or Transformer-XL's memory (its last mem_len positions per layer)."""
+    h, state = model(x, None, state)      # no targets: the hidden states (T, B, d)
+    return model.io.log_probs(h[-1]), state
+
+
+@torch.no_grad()
+def sample(model, cfg, env, prompt, args):
+    """prompt ids -> num_samples lists of ids (prompt included), the columns of one batch."""
+    x = torch.tensor(prompt, device=env.device)[:, None].repeat(1, args.num_samples)   # (T, B)
+    out, state = [x], None
+    with env.ctx, train.eval_lengths(model, cfg):
+        for _ in range(args.max_new_tokens):    # the prompt once, then one word at a time
+            lp, state = step(model, cfg, x, state)
+            if args.temperature == 0:
+                nxt = lp.argmax(-1)
+            else:
+                lp = lp / args.temperature
+                if args.top_k:
+                    kth = lp.topk(min(args.top_k, lp.size(-1))).values[:, -1:]
+                    lp = lp.masked_fill(lp < kth, float('-inf'))
+                nxt = torch.multinomial(lp.softmax(-1), 1)[:, 0]
+            x = nxt[None]                                # (1, B)
+            out.append(x)
+    return torch.cat(out).t().tolist()
+
+
+def score(model, cfg, env, vocab, path, log):
+    """Perplexity of a file tokenized as the LM corpora are (whitespace, '<eos>' per line), in
+    windows carrying the state like train.py's evaluation, with its eval batch size."""
+    stoi, ids, unknown = {w: i for i, w in enumerate(vocab)}, [], 0
+    try:
+        with open(path, encoding='utf-8') as f:    # universal newlines, as data.py reads
+            for line in f:
+                line_ids, n = to_ids(line.split() + ['<eos>'], stoi)
+                ids += line_ids
+                unknown += n
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: cannot read --eval-file {path}: {e}")
+    if len(ids) < 2:
+        sys.exit(f"error: {path} holds {len(ids)} tokens; scoring needs at least 2")
+    # train.py's eval batch size gives its valid numbers; a file too short to give each stream
+    # a window is one stream (all of it in context)
+    T = cfg['eval_tgt_len'] or cfg['bptt']
+    B = cfg['eval_batch_size'] if len(ids) > cfg['eval_batch_size'] * T else 1
+    log(f"scoring {B} stream{'s' * (B > 1)} of {len(ids) // B:,} tokens in windows of {T}")
+    batches = D.lm_eval_batches(np.array(ids), B, T)
+    with train.eval_lengths(model, cfg):
+        ppl = float(np.exp(train.evaluate(model, batches, env)))
+    print(f"ppl {ppl:.4f} | tokens {len(ids)} | oov {unknown} | oov rate {unknown / len(ids):.6f}")
+    return dict(ppl=ppl, tokens=len(ids), oov=unknown, oov_rate=unknown / len(ids))
+
+
+def tokenizers(cfg, src_vocab, keep_tokenized=False):
+    """-> tokenize(raw line) -> source words as in the training corpus; detokenize(target words)."""
+    if cfg['corpus_variant'] == 'raw':      # data.py splits the raw files on whitespace only
+        return str.split, lambda s: s
+    try:
+        from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
+    except ImportError:
+        sys.exit("error: translating raw text needs sacremoses: pip install sacremoses")
+    norm, tok, detok = (MosesPunctNormalizer(cfg['src_lang']), MosesTokenizer(cfg['src_lang']),
+                        MosesDetokenizer(cfg['tgt_lang']))
+    # Multi30k's tok files: lowercased, then punctuation-normalised, Moses-tokenized and escaped
+    # (&apos; &quot;); in this order all 29,000 training sources come out as in the file
+    lower = all(w == w.lower() for w in src_vocab)
+    return (lambda s: tok.tokenize(norm.normalize(s.lower() if lower else s), escape=True),
+            (lambda s: s) if keep_tokenized else
+            lambda s: detok.detokenize(s.split(), unescape=True))
+
+
+def translate(model, cfg, env, vocab, args, log):
+    stoi = {w: i for i, w in enumerate(vocab['src'])}
+    tokenize, detokenize = tokenizers(cfg, vocab['src'], args.keep_tokenized)
+    # beam search runs up to len(source) + 1 + max_len_b positions (nmt.Transformer._start)
+    longest = model.max_len - cfg['max_len_b'] - 2
+    lines = iter(sys.stdin.readline, '')    # as they come: each answered before the next is read
+    per = 1 if sys.stdin.isatty() else args.batch_lines
+    n_line = n_tok = n_unk = 0
+    while batch := list(islice(lines, per)):
+        sents = []
+        for line in batch:
+            n_line, words = n_line + 1, tokenize(line.strip())
+            if len(words) > longest:
+                log(f"warning: line {n_line} has {len(words)} tokens; translating its first "
+                    f"{longest}, as many as the model's {model.max_len} positions allow")
+                words = words[:longest]
+            ids, unknown = to_ids(words, stoi)
+            n_tok, n_unk = n_tok + len(words), n_unk + unknown
+            if args.verbose and unknown:
+                log(f"line {n_line}: {unknown} unknown: "
+                    + ' '.join(w for w in words if w not in stoi))
+            sents.append(ids)
+        todo = [i for i, s in enumerate(sents) if s]   # an empty line stays empty
+        with env.ctx:
+            hyps = model.translate([sents[i] for i in todo], cfg['beam'], cfg['lenpen'],
+                                   cfg['max_len_b'])
+        out = [''] * len(sents)
+        for i, h in zip(todo, hyps):
+            out[i] = detokenize(D.detokenize(h, vocab['tgt']))
+        print('\n'.join(out), flush=True)
+    log(f"{n_line} lines; {n_unk} of {n_tok} source tokens unknown (translated as <unk>)")
+
+
+def main(argv=None):
+    args = get_args(argv)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    ck, cfg, env, model = load(args, log)
+    torch.manual_seed(args.seed)
+    if (cfg['model'] == 'nmt') != args.translate:
+        kind = dict(lstm='an AWD-LSTM', txl='a Transformer-XL', nmt='a translation')[cfg['model']]
+        sys.exit(f"error: {cfg['resume']} holds {kind} model: " + (
+            "translate with --translate (sentences on stdin)" if cfg['model'] == 'nmt' else
+            "--translate is for translation models; sample, or score with --eval-file"))
+    vocab = vocabulary(ck, cfg, args, log)
+    if args.translate:
+        return translate(model, cfg, env, vocab, args, log)
+    if args.eval_file:
+        return score(model, cfg, env, vocab, args.eval_file, log)
+    # a prompt starts where a line of the corpus starts: after an '<eos>'
+    prompt, unknown = to_ids(['<eos>'] + args.start.split(), {w: i for i, w in enumerate(vocab)})
+    if unknown:
+        log(f"{unknown} of {len(prompt) - 1} prompt words not in the vocabulary: read as <unk>")
+    eos, texts = vocab.index('<eos>'), []
+    for ids in sample(model, cfg, env, prompt, args):
+        words = ' '.join('\n' if i == eos else vocab[i] for i in ids[1:])
+        texts.append(re.sub(r' ?\n ?', '\n', words))     # '<eos>' ends a line, as in the corpus
+        print(texts[-1], '---------------', sep='\n', flush=True)
+    return texts
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (D.DataError, ValueError) as e:     # bad input: the message names the fix
+        sys.exit(f"error: {e}")
