@@ -39,6 +39,10 @@ def main():
     ap.add_argument('--out', default='val_ppl.png')
     ap.add_argument('--title', default='')
     ap.add_argument('--ymax', type=float, default=None)
+    ap.add_argument('--x-from', type=float, default=None,
+                    help='leave out the points before this step (or epoch): the early, steep part '
+                         'would squeeze the end, where the runs differ')
+    ap.add_argument('--log-y', action='store_true', help='logarithmic perplexity axis')
     args = ap.parse_args()
     try:
         import matplotlib
@@ -46,19 +50,25 @@ def main():
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for run in args.runs:
+    fig, ax = plt.subplots(figsize=(7.2, 4.5), dpi=120)
+    styles = [(ls, mk) for ls in ('-', '--', ':') for mk in ('o', 's', '^', 'D')]
+    for i, run in enumerate(args.runs):   # a line style and marker each: close curves stay apart
         name, rows = read(run)
+        rows = [r for r in rows if args.x_from is None or r[args.x] >= args.x_from]
         if rows:
-            ax.plot([r[args.x] for r in rows], [r['val_ppl'] for r in rows], marker='.', label=name)
+            ls, mk = styles[i % len(styles)]
+            last = rows[-1]['val_ppl']
+            ax.plot([r[args.x] for r in rows], [r['val_ppl'] for r in rows], ls=ls, marker=mk,
+                    ms=3, lw=1.2, label=f'{name} ({last:.1f})', color=f'C{i % 10}')
     ax.set_xlabel(args.x)
     ax.set_ylabel('validation perplexity')
-    ax.set_yscale('log')
+    if args.log_y:
+        ax.set_yscale('log')
     if args.ymax:
         ax.set_ylim(top=args.ymax)
     ax.set_title(args.title)
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, title='run (last value)', title_fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")
