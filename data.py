@@ -4,7 +4,9 @@ Data for DeFINE: word-level LM corpora (PTB, WikiText-2, WikiText-103) and paral
 
 - lm_corpus(name) -> LMCorpus: int32 token streams, one '<eos>' per line, ids sorted by training
   frequency (id 0 = most frequent), because adaptive input / adaptive softmax cut the vocabulary
-  into bands by id.
+  into bands by id. '<name>-bpe' (ptb-bpe, wikitext-2-bpe, wikitext-103-bpe): the same text in BPE
+  subwords (Baevski & Auli's BPE rows), see _build_bpe; corpus.words_per_split turns their per-token
+  loss into word-level perplexity.
 - batchify / lm_batch / variable_bptt: the (T, B) stream layout of AWD-LSTM and Transformer-XL.
 - parallel_corpus(name) -> ParallelCorpus; token_batches / collate / detokenize for translation.
 - LMBatches / TranslationBatches: training steps for train.py's one loop (next() -> Batch, or
@@ -18,6 +20,8 @@ the original file names (multi30k: DIR/multi30k/{tok,raw}/...); otherwise from t
     <cache>/<dataset>/verified.json             each source file's hash, keyed by path, size, mtime,
                                                 ctime and inode, so a file is hashed once, not every run
     <cache>/<dataset>/tokenized-<key>/          LM: vocab.txt counts.npy {train,valid,test}.npy
+                                                BPE LM: also tokenizer.json (the trained BPE) meta.json
+                                                (its sources are the word corpus's, in <cache>/<word corpus>/)
                                                 parallel: {src,tgt}_vocab.txt <split>.{src,tgt}[.starts].npy
                                                 both: manifest.json (every file's size, the vocabularies' sha256)
 Every source file, local or downloaded, is checked against its recorded checksum (a wrong one is an
@@ -41,6 +45,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +54,7 @@ import torch
 SPLITS = ('train', 'valid', 'test')
 SPECIALS = ['<pad>', '<unk>', '<s>', '</s>']  # ids 0..3 of every parallel vocabulary
 CACHE_VERSION = 2  # bump to invalidate every tokenized cache after a format change
+BPE_MARK = '\u2581'  # '▁' starts every word's first subword (SentencePiece's mark, via tokenizers' Metaspace)
 USER_AGENT = 'Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36'
 
 # Checksums: a hex string is a sha256, 'sha1:<hex>' a SHA-1 (where only that is published).
@@ -81,6 +87,12 @@ LM_CORPORA = {
                    'sha1:8a5befc548865cec54ed4273cf87dbbad60d1e47'),
         dirs=('wikitext-103',)),
 }
+# BPE versions (Baevski & Auli 2019, BPE / BPE-T rows): the word corpus's files, re-tokenized into subwords by a
+# BPE trained on its training split. bpe = the default vocabulary size (lm_corpus(bpe_vocab=) overrides it):
+# 32K for WT-103 as in the paper; 8K for the small corpora (10K / 33K word types: a vocabulary near theirs
+# would keep almost every word whole).
+LM_CORPORA.update({f'{base}-bpe': dict(LM_CORPORA[base], base=base, bpe=size)
+                   for base, size in (('ptb', 8_000), ('wikitext-2', 8_000), ('wikitext-103', 32_000))})
 
 _M30K = 'https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/'
 _WMT = 'https://nlp.stanford.edu/projects/nmt/data/wmt14.en-de/'
@@ -317,6 +329,8 @@ def _write_dir(out, files):
         for fname, obj in files.items():
             if fname.endswith('.npy'):
                 np.save(tmp / fname, obj)
+            elif isinstance(obj, str):  # a document (JSON), as it is
+                (tmp / fname).write_text(obj, encoding='utf-8')
             else:
                 (tmp / fname).write_text(''.join(w + '\n' for w in obj), encoding='utf-8')
             text = None if fname.endswith('.npy') else hashlib.sha256((tmp / fname).read_bytes()).hexdigest()
@@ -394,10 +408,28 @@ class LMCorpus:
     valid: np.ndarray
     test: np.ndarray
     counts: np.ndarray  # (len(vocab),) int64 training frequency of each id, non-increasing
+    # split -> its number of words (whitespace tokens + one '<eos>' a line: the word-level corpus's length).
+    # Perplexity per word = exp(mean NLL per token * len(split) / words_per_split[split]): for a BPE corpus the
+    # per-token perplexity is not comparable with a word model's; for a word corpus the ratio is 1.
+    words_per_split: dict = None
+    bpe: Path = None    # BPE corpora: the trained tokenizer (tokenizers' JSON); vocab holds its subwords,
+                        # a word's first one starting with BPE_MARK ('<unk>' and '<eos>' are whole words)
+
+    def __post_init__(self):
+        if self.words_per_split is None:
+            self.words_per_split = {s: len(getattr(self, s)) for s in SPLITS}
 
     @cached_property
     def stoi(self):
         return {w: i for i, w in enumerate(self.vocab)}
+
+    def decode(self, ids):
+        """ids -> the words they spell ('<eos>' included), for word and BPE corpora alike."""
+        toks = [self.vocab[i] for i in (ids.tolist() if hasattr(ids, 'tolist') else ids)]
+        if self.bpe is None:
+            return toks
+        text = ''.join(BPE_MARK + t if t in ('<unk>', '<eos>') else t for t in toks)
+        return text.split(BPE_MARK)[1:]  # (a stream cut mid-word starts with that word's tail: dropped)
 
     def __repr__(self):
         return (f"LMCorpus('{self.name}': vocab {len(self.vocab):,}; train {len(self.train):,} / "
@@ -450,25 +482,120 @@ def _build_lm(paths, out):
     _write_dir(out, files)
 
 
-def lm_corpus(name, data_dir=None, cache_dir=None, download=True):
-    """Load 'ptb', 'wikitext-2' or 'wikitext-103': from data_dir if given, else the cache, else the web."""
+def _bpe_tokenizer():
+    """An untrained BPE over whitespace-separated words. The corpora are already word-tokenized: splitting on
+    whitespace only (not bytes, not punctuation) keeps every word recoverable, so word-level perplexity is
+    exact. Metaspace puts '▁' before every word, as a character of the text rather than a suffix the
+    trainer adds: tokenizers 0.23's BpeTrainer numbers such suffix/prefix symbols in hash-map order, which
+    breaks ties between equally frequent merges differently from run to run (huggingface/tokenizers#1794);
+    with the mark in the text every symbol comes from the sorted alphabet and training is deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tok = Tokenizer(models.BPE(unk_token='<unk>'))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Metaspace(BPE_MARK, prepend_scheme='always')])
+    tok.decoder = decoders.Metaspace(BPE_MARK, prepend_scheme='always')
+    tok.add_special_tokens(['<unk>', '<eos>'])  # atomic: never split, never merged
+    return tok
+
+
+def _build_bpe(paths, vocab_size, out, chunk=10_000):
+    """Train a BPE of at most vocab_size subwords (the 2 specials and the training text's characters
+    included) on the training split, encode the three splits with it (one '<eos>' a line, as the word
+    corpora), and sort its vocabulary by training frequency (ties: the BPE's own order), so that id 0 is
+    the most frequent subword as adaptive input / softmax expect."""
+    try:
+        from tokenizers import __version__, trainers
+    except ImportError:
+        raise DataError('BPE corpora need HuggingFace tokenizers: pip install tokenizers') from None
+    tok = _bpe_tokenizer()
+    marked = []
+
+    def train_lines():  # '<unk>' is a word of the text, not letters to merge
+        for line in _lines(paths[0]):
+            if BPE_MARK in line and not marked:
+                marked.append(line)
+            yield ' '.join(w for w in line.split() if w != '<unk>') if '<unk>' in line else line
+    tok.train_from_iterator(train_lines(), trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=0, show_progress=False, special_tokens=['<unk>', '<eos>']))
+    if marked:
+        raise DataError(f'{paths[0]} holds {BPE_MARK!r} (U+2581), the mark that starts a word in BPE corpora')
+    bpe_vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    if [w for w, _ in bpe_vocab[:2]] != ['<unk>', '<eos>'] or [i for _, i in bpe_vocab] != list(range(len(bpe_vocab))):
+        raise DataError(f'tokenizers {__version__} numbered the BPE vocabulary unexpectedly')
+    unk, eos = 0, 1
+    pieces = {}  # word -> its subword ids: a BPE never merges across words, so each type is encoded once
+
+    def spell(batch):  # lines (lists of words) -> ids, '<eos>' after each
+        if new := sorted({w for ws in batch for w in ws if w not in pieces}):
+            encs = tok.encode_batch([[w] for w in new], is_pretokenized=True, add_special_tokens=False)
+            for w, enc in zip(new, encs):
+                # a letter train never had: the whole word is '<unk>', the word corpus's fate for an unseen word
+                pieces[w] = [unk] if unk in enc.ids else enc.ids
+        out = array('i')
+        for ws in batch:
+            out.extend(chain.from_iterable(map(pieces.__getitem__, ws)))
+            out.append(eos)
+        return out
+    streams, words = [], {}
+    for split, path in zip(SPLITS, paths):
+        ids, n_words, batch = array('i'), 0, []
+        for line in _lines(path):
+            batch.append(line.split())
+            n_words += len(batch[-1]) + 1
+            if len(batch) == chunk:
+                ids.extend(spell(batch))
+                batch.clear()
+        ids.extend(spell(batch))
+        if n_words == 0:
+            raise DataError(f'{path} ({split}) is empty')
+        streams.append(np.frombuffer(ids, np.int32))
+        words[split] = n_words
+    counts = np.bincount(streams[0], minlength=len(bpe_vocab))
+    order = np.argsort(-counts, kind='stable')  # new id -> BPE id
+    new_id = np.empty_like(order)
+    new_id[order] = np.arange(len(order))
+    files = {'vocab.txt': [bpe_vocab[i][0] for i in order.tolist()], 'counts.npy': counts[order].astype(np.int64),
+             'tokenizer.json': tok.to_str(), 'meta.json': json.dumps(dict(
+                 words_per_split=words, bpe_vocab=vocab_size, tokenizers=__version__), indent=0)}
+    for split, ids in zip(SPLITS, streams):
+        files[f'{split}.npy'] = new_id[ids].astype(np.int32)
+    _write_dir(out, files)
+
+
+def lm_corpus(name, data_dir=None, cache_dir=None, download=True, bpe_vocab=None):
+    """Load 'ptb', 'wikitext-2' or 'wikitext-103', or their BPE versions '<name>-bpe': from data_dir if
+    given, else the cache, else the web. bpe_vocab: the BPE's vocabulary size (default: LM_CORPORA's, 8K
+    for ptb and wikitext-2, 32K for wikitext-103); BPE corpora read and download the word corpus's files."""
     spec = _spec(LM_CORPORA, name)
+    if bpe_vocab is not None and 'bpe' not in spec:
+        raise ValueError(f'bpe_vocab is for BPE corpora; {name!r} is word-level')
+    bpe_vocab = spec.get('bpe') if bpe_vocab is None else bpe_vocab
+    if bpe_vocab is not None and bpe_vocab < 3:
+        raise ValueError(f'bpe_vocab {bpe_vocab} leaves no room for subwords after <unk> and <eos>')
+    word_name = spec.get('base', name)  # where the files are: DIR/<word corpus>/, <cache>/<word corpus>/
     cache = _cache_root(cache_dir)
-    dest = cache / name
+    dest = cache / word_name
     fetch = [(u, dest / f) for u, f in zip(spec['urls'], spec['files'])] if 'urls' in spec else \
         [(spec['zip'], dest / spec['zip'].rsplit('/', 1)[1])]
-    layout = f'DIR/{name}/{{train,valid,test}}.txt or DIR/{name}/{{{",".join(spec["files"])}}}'
-    paths = _locate(name, lambda root: _find_lm(spec, root), lambda: _download_lm(spec, dest),
-                    [Path(name) / f for f in spec['files']], fetch, layout, data_dir, cache, download)
+    layout = f'DIR/{word_name}/{{train,valid,test}}.txt or DIR/{word_name}/{{{",".join(spec["files"])}}}'
+    paths = _locate(word_name, lambda root: _find_lm(spec, root), lambda: _download_lm(spec, dest),
+                    [Path(word_name) / f for f in spec['files']], fetch, layout, data_dir, cache, download)
     urls = spec.get('urls') or (spec['zip'],) * 3
     digests = _digests(paths, spec['checksums'], urls, dest / 'verified.json', data_dir is not None)
-    out = dest / f'tokenized-{_key([name], digests)}'
+    if bpe_vocab is None:
+        out = dest / f'tokenized-{_key([name], digests)}'
+    else:  # the BPE's settings are part of the key; tokenizer.json and meta.json are hashed in the manifest
+        out = cache / name / f'tokenized-{_key([name, "metaspace-bpe", bpe_vocab], digests)}'
 
     def load(out):
+        kw = {}
+        if bpe_vocab is not None:
+            kw = dict(words_per_split=json.loads((out / 'meta.json').read_text(encoding='utf-8'))['words_per_split'],
+                      bpe=out / 'tokenizer.json')
         return LMCorpus(name, _read_vocab(out / 'vocab.txt'), *(np.load(out / f'{s}.npy') for s in SPLITS),
-                        np.load(out / 'counts.npy'))
+                        np.load(out / 'counts.npy'), **kw)
     if (corpus := _cached(out, load)) is None:
-        _build_lm(paths, out)
+        _build_lm(paths, out) if bpe_vocab is None else _build_bpe(paths, bpe_vocab, out)
         corpus = load(out)
     return corpus
 

@@ -444,7 +444,11 @@ def final_eval(cfg, env, model, corpus, eval_batches, step):
     res, t0 = {}, time.time()
     with eval_lengths(model, cfg):
         for split in ('valid', 'test'):
-            res[f'{split}_ppl'] = math.exp(evaluate(model, eval_batches(split), env))
+            nll = evaluate(model, eval_batches(split), env)
+            res[f'{split}_ppl'] = math.exp(nll)
+            if getattr(corpus, 'bpe', None):    # per word, comparable with the word-level corpora
+                res[f'{split}_word_ppl'] = math.exp(
+                    nll * len(getattr(corpus, split)) / corpus.words_per_split[split])
             if cfg['model'] == 'nmt':
                 res[f'{split}_bleu'] = bleu(cfg, env, model, corpus, split)
     env.log('final | ' + ' | '.join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in res.items())

@@ -173,6 +173,20 @@ def test_txl_runs_with_every_embedding(embed, data_root, cache, tmp_path):
         assert ev['test_ppl'] == pytest.approx(res['test_ppl'], rel=1e-5)
 
 
+def test_a_bpe_corpus_reports_word_level_perplexity(data_root, cache, tmp_path):
+    """Baevski & Auli's BPE rows: perplexity per subword, and per word (the same total NLL over
+    the word count), comparable with the word-level corpora."""
+    import data
+    res, _ = run(TINY_TXL + ['--embed', 'standard', '--n', 'None', '--dataset', 'wikitext-2-bpe',
+                             '--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                             '--max-iters', '2', '--tied', 'False'])
+    c = data.lm_corpus('wikitext-2-bpe', data_dir=data_root, cache_dir=cache)
+    for split in ('valid', 'test'):
+        ratio = len(getattr(c, split)) / c.words_per_split[split]    # subwords per word, > 1
+        assert ratio > 1.05
+        assert math.log(res[f'{split}_word_ppl']) == pytest.approx(math.log(res[f'{split}_ppl']) * ratio)
+
+
 def test_eval_with_the_embedding_cache_equals_eval_without(data_root, cache, tmp_path, capsys):
     run(TINY_TXL + ['--embed', 'define', '--data-dir', data_root, '--cache-dir', cache,
                     '--out-dir', tmp_path, '--max-iters', '3'])
