@@ -77,6 +77,17 @@ def test_bpe_spells_the_word_corpus_back(tmp_path, monkeypatch):
     assert word.words_per_split == {s: len(getattr(word, s)) for s in SPLITS}  # word corpora: ratio 1
 
 
+def test_bpe_with_every_word_one_subword_is_the_word_corpus(tmp_path, monkeypatch):
+    """A BPE vocabulary large enough to keep every training word whole: the same token stream
+    as the word corpus (renumbered), so its word-level perplexity formula has ratio 1."""
+    texts = {s: ' '.join(w for w in _TEXTS['train'].split()) + '\n' for s in SPLITS}
+    d, kw = _corpus_files(tmp_path / 'whole', monkeypatch, texts)
+    c, word = lm_corpus('wikitext-2-bpe', bpe_vocab=5000, **kw), lm_corpus('wikitext-2', **kw)
+    for s in SPLITS:
+        assert len(getattr(c, s)) == c.words_per_split[s] == len(getattr(word, s))
+        assert c.decode(getattr(c, s)) == word.decode(getattr(word, s))
+
+
 def test_bpe_defaults_and_names():
     for base, size in (('ptb', 8_000), ('wikitext-2', 8_000), ('wikitext-103', 32_000)):
         spec = data.LM_CORPORA[f'{base}-bpe']
