@@ -4,13 +4,15 @@
     python train.py --config ptb_awd_lstm --embed define     # a preset from config/
     python train.py --config wt103_txl --embed define --n 128 --count-params
     torchrun --standalone --nproc_per_node=2 train.py --config ptb_awd_lstm   # DDP
-    python train.py --eval-only --resume out/ckpt.pt
+    python train.py --resume out                             # continue a run, its own settings
+    python train.py --eval-only --resume out/best.pt
 
 sample.py uses a trained checkpoint: samples text, scores a file, translates raw text.
 
 Every setting is a key of DEFAULTS below; a preset (config/NAME.py, plain assignments; without
---config the model's own, DEFAULT_PRESET) overrides them, and the command line overrides both.
-The resolved config is printed at start and stored in every checkpoint.
+--config the model's own, DEFAULT_PRESET) overrides them, and the command line overrides both
+(settings.py parses it). The settings that differ from DEFAULTS are printed at start; all are
+stored in every checkpoint, and --resume takes them from there.
 
 Read top to bottom: settings -> building a model -> optimisation -> checkpoints -> data and
 evaluation -> train(): set-up, ONE loop for all three models, the final evaluation. Every
