@@ -348,8 +348,9 @@ def test_ddp_two_processes_equal_one(model, data_root, cache, tmp_path):
 
 
 def test_ddp_resume_is_bitwise_exact(data_root, cache, tmp_path):
-    """Two gloo ranks, dropout and variable lengths on: 8 steps at once equal 4 steps, then a
-    resume to 8 (every rank's random state, carried state and data position come back)."""
+    """Two gloo ranks, dropout and variable lengths on: 24 steps at once equal 4 steps and a
+    resume, and equal a run whose rank was killed mid-run and resumed from its last checkpoint
+    (every rank's random state, carried state and data position come back)."""
     args = [str(a) for a in TINY_LSTM + ['--embed', 'define', '--data-dir', data_root,
                                          '--cache-dir', cache, '--eval-interval', '4']]
     i = args.index('--n')
@@ -362,12 +363,31 @@ def test_ddp_resume_is_bitwise_exact(data_root, cache, tmp_path):
                            env=dict(os.environ, OMP_NUM_THREADS='1'))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
-    torchrun('--max-iters', 8, '--out-dir', tmp_path / 'a')
+    torchrun('--max-iters', 24, '--out-dir', tmp_path / 'a')
     torchrun('--max-iters', 4, '--out-dir', tmp_path / 'b')
-    torchrun('--max-iters', 8, '--resume', tmp_path / 'b')
-    a, b = model_tensors(tmp_path / 'a' / 'ckpt.pt'), model_tensors(tmp_path / 'b' / 'ckpt.pt')
+    torchrun('--max-iters', 24, '--resume', tmp_path / 'b')
+    # a rank killed mid-run (torchrun then stops the other): the last checkpoint resumes
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                          '--nproc_per_node=2', str(ROOT / 'train.py')] + args +
+                         ['--max-iters', '100000', '--save-interval', '2', '--log-interval', '1',
+                          '--out-dir', str(tmp_path / 'c')], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    for line in p.stdout:
+        if line.startswith('step       5'):
+            break
+    pattern = f'train.py.*{tmp_path / "c"}'
+    ranks = [int(r) for r in subprocess.run(['pgrep', '-f', pattern], capture_output=True,
+                                            text=True).stdout.split() if int(r) != p.pid]
+    os.kill(max(ranks), signal.SIGKILL)                         # a worker, not torchrun itself
+    p.communicate(timeout=120)
+    subprocess.run(['pkill', '-9', '-f', pattern])              # no worker outlives the test
+    assert p.returncode != 0
+    assert 4 <= torch.load(tmp_path / 'c' / 'ckpt.pt', weights_only=True)['train']['step'] < 24
+    torchrun('--max-iters', 24, '--resume', tmp_path / 'c')
+    a, b, c = (model_tensors(tmp_path / r / 'ckpt.pt') for r in 'abc')
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
 
 
 TINY_NMT = ['--config', 'multi30k_transformer', '--device', 'cpu', '--d-model', '32', '--n-head', '2',
