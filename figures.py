@@ -232,13 +232,11 @@ def load_lm(path, device='cpu', **override):
     eval_max_tokens, ...); env is train.setup's (device, autocast, log)."""
     import train
     ck = train.load_checkpoint(path)
-    cfg = dict(ck['config'], device=device, **override)
+    cfg = train.checkpoint_config(ck, device=device, embed_cache=False, **override)
     if cfg['model'] == 'nmt':
         sys.exit(f"error: {path} is a translation model; these analyses take language models")
-    model = train.build_model(cfg, cfg['vocab_size'])
-    train.load_model_state(model, ck, cfg)
     env = train.setup(cfg)
-    model.to(env.device).eval()
+    model = train.trained_model(ck, cfg, env)
     return model, model.io, cfg, env
 
 

@@ -59,16 +59,13 @@ def load(args, log):
     path = Path(args.resume)
     path = path / 'ckpt.pt' if path.is_dir() else path
     ck = train.load_checkpoint(path)      # one error line if missing or unreadable
-    # settings added to train.py after the checkpoint was written take their defaults
-    cfg = {**train.DEFAULTS, **ck['config'], 'device': args.device, 'resume': str(path)}
-    env = train.setup(cfg)                # device and autocast (its log prints to stdout: unused)
-    model = train.build_model(cfg, cfg['vocab_size'], ck.get('words'))   # words: LMs' vocabulary
-    train.load_model_state(model, ck, cfg)
-    model.to(env.device).eval()
+    cfg = train.checkpoint_config(ck, device=args.device, resume=str(path),
+                                  embed_cache=args.embed_cache)
+    env = train.setup(cfg)                # device and autocast
+    env.log = log                         # stdout holds the text alone
     steps = ck.get('train', {}).get('step', '?')
     log(f"{path}: {cfg['model']}, {cfg['embed']} embeddings, step {steps}")
-    if args.embed_cache:
-        train.use_embed_cache(model, log)
+    model = train.trained_model(ck, cfg, env)
     return ck, cfg, env, model
 
 
@@ -79,15 +76,12 @@ def vocabulary(ck, cfg, args, log):
         return ck[key]
     # older LM checkpoints hold none, nor does a translation model's best.pt: rebuild it as
     # training built it (ids sorted by training counts)
-    where = dict(data_dir=args.data_dir or cfg['data_dir'],
-                 cache_dir=args.cache_dir or cfg['cache_dir'])
+    c = train.load_corpus(dict(cfg, data_dir=args.data_dir or cfg['data_dir'],
+                               cache_dir=args.cache_dir or cfg['cache_dir']))
     if cfg['model'] == 'nmt':
-        c = D.parallel_corpus(cfg['dataset'], cfg['src_lang'], cfg['tgt_lang'],
-                              joint_vocab=cfg['joint_vocab'] or cfg['share_embed'],
-                              max_vocab=cfg['max_vocab'], variant=cfg['corpus_variant'], **where)
         vocab, want = dict(src=c.src_vocab, tgt=c.tgt_vocab), list(cfg['vocab_size'])
     else:
-        vocab, want = D.lm_corpus(cfg['dataset'], **where).vocab, [cfg['vocab_size']]
+        vocab, want = c.vocab, [cfg['vocab_size']]
     size = [len(v) for v in vocab.values()] if cfg['model'] == 'nmt' else [len(vocab)]
     if size != want:
         sys.exit(f"error: the {cfg['dataset']} corpus found has vocabularies of {size} words, "

@@ -157,15 +157,20 @@ def _resumed(args):
     """The checkpoint's settings, with those of the command line that may change."""
     path = Path(args['resume'])
     path = path / 'ckpt.pt' if path.is_dir() else path
-    old = load_checkpoint(path)['config']
+    ck = load_checkpoint(path)
+    old = ck['config']
     fixed = {k: v for k, v in args.items() if k not in RESUMABLE and old.get(k, v) != v}
     if fixed:
         sys.exit(f"error: {path} was trained with " + ', '.join(f"{k}={old[k]!r}" for k in fixed)
                  + f"; --resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
                  f" (start a new run in another --out-dir instead)")
-    cfg = dict(DEFAULTS, **{k: v for k, v in old.items() if k in DEFAULTS})
-    cfg.update(out_dir=str(path.parent), save_interval=None, overwrite=False)
-    return dict(cfg, **dict(args, resume=str(path)))
+    cfg = checkpoint_config(ck, out_dir=str(path.parent), save_interval=None, overwrite=False)
+    return {**cfg, **args, 'resume': str(path)}
+
+
+def checkpoint_config(ck, **override):
+    """The settings a checkpoint was written with; those added to DEFAULTS since, at theirs."""
+    return {**DEFAULTS, **{k: v for k, v in ck['config'].items() if k in DEFAULTS}, **override}
 
 
 def check(cfg):   # one clear line for a value that would fail later, or silently
@@ -389,21 +394,26 @@ def to(tree, device):   # a carried state: None, or tensors in nested lists and 
 
 # ------------------------------------------------------------------------------ data and evaluation
 
+def load_corpus(cfg):   # data.LMCorpus, or data.ParallelCorpus for translation
+    if cfg['model'] == 'nmt':
+        return D.parallel_corpus(cfg['dataset'], cfg['src_lang'], cfg['tgt_lang'],
+                                 joint_vocab=cfg['joint_vocab'] or cfg['share_embed'],
+                                 max_vocab=cfg['max_vocab'], variant=cfg['corpus_variant'],
+                                 data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
+    return D.lm_corpus(cfg['dataset'], data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
+
+
 def load_data(cfg, env, accum=1):
     """-> the corpus, its vocabulary size (translation: source and target), the training
     steps (data.LMBatches or TranslationBatches), and eval(split) -> batches (x, y,
     n_targets) of 'valid' or 'test'."""
+    corpus = load_corpus(cfg)
     if cfg['model'] == 'nmt':
-        corpus = D.parallel_corpus(cfg['dataset'], cfg['src_lang'], cfg['tgt_lang'],
-                                   joint_vocab=cfg['joint_vocab'] or cfg['share_embed'],
-                                   max_vocab=cfg['max_vocab'], variant=cfg['corpus_variant'],
-                                   data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
         batches = D.TranslationBatches(corpus.splits['train'], cfg['max_tokens'], accum,
                                        cfg['seed'], env.rank, env.world)
         return corpus, (len(corpus.src_vocab), len(corpus.tgt_vocab)), batches, \
             lambda split: D.translation_eval_batches(corpus.head(split, cfg['eval_max_tokens'])[0],
                                                      cfg['max_tokens'])
-    corpus = D.lm_corpus(cfg['dataset'], data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
     train = D.batchify(corpus.train, cfg['batch_size'], env.rank, env.world)    # (T, B/ranks)
     if env.device.type == 'cuda':   # page-locked: copies of its slices to the GPU run async
         train = train.pin_memory()
@@ -734,19 +744,20 @@ def use_embed_cache(model, log):
             f"MiB) replaces {info['input_path_params']} input-path parameters")
 
 
-def trained_model(cfg, env):
-    """The model of --resume's checkpoint (ckpt.pt or best.pt; cfg holds its settings)."""
-    ck = load_checkpoint(cfg['resume'])
+def trained_model(ck, cfg, env):
+    """The model of checkpoint ck (ckpt.pt or best.pt; cfg: its settings) on env.device, in
+    eval mode, with DeFINE's cached table if cfg['embed_cache']."""
     model = build_model(cfg, cfg['vocab_size'], ck.get('words'))
     load_model_state(model, ck, cfg)
     model.to(env.device).eval()
     if cfg['embed_cache']:
         use_embed_cache(model, env.log)
-    return model, ck
+    return model
 
 
 def eval_only(cfg, env):
-    model, ck = trained_model(cfg, env)
+    ck = load_checkpoint(cfg['resume'])
+    model = trained_model(ck, cfg, env)
     corpus, _, _, eval_batches = load_data(cfg, env)
     return final_eval(cfg, env, model, corpus, eval_batches, ck['train']['step'])
 
