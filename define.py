@@ -512,9 +512,11 @@ class TokenIO(nn.Module):
                 factor is 1 (Transformer-XL's softmax has one, Baevski & Auli's adaptive
                 softmax not; fairseq's full softmax has none either: pass out_bias=False).
     embed_scale multiplies the embedding (sqrt(d_model) in Transformers).
+    unit_dropout, map_dropout  define: dropout inside the unit's layers, and on the map's
+                output before the unit (the authors' later code uses both).
     dedup       define and cnn: run the unit once per distinct token of the batch, then
                 gather (same function and gradients, less work; dropout inside the unit
-                is then drawn per token type).
+                and on the map is then drawn per token type).
     output      False: no output layer (a vocabulary that is read, never predicted).
 
     Baevski & Auli's Table 3 rows (C = their cutoffs, d = d_model):
@@ -530,7 +532,8 @@ class TokenIO(nn.Module):
     def __init__(self, kind, vocab_size, d_model, n=None, d_hidden=None, cutoffs=(),
                  factor=None, out_bias=None, embed_scale=1.0, init_std=None,
                  k=1024, m=None, depth=3, g_max=4, variant='define', unit_bias=True,
-                 unit_norm=True, unit_act='gelu', unit_dropout=0.0, dedup=False, output=True,
+                 unit_norm=True, unit_act='gelu', unit_dropout=0.0, map_dropout=0.0,
+                 dedup=False, output=True,
                  tied=None, out_factor=None, words=None, char_dim=4,
                  char_filters=CharCNN.FILTERS, char_highway=2, max_chars=50):
         super().__init__()
@@ -558,6 +561,7 @@ class TokenIO(nn.Module):
         out_factor = factor if out_factor is None else out_factor
         self.kind, self.vocab_size, self.d_model, self.n = kind, vocab_size, d_model, n
         self.embed_scale, self.dedup, self.tied = embed_scale, dedup, tied
+        self.map_drop = nn.Dropout(map_dropout)
         d_map = n if kind == 'define' else d_model     # width the map's bands project to
         if kind == 'cnn':
             self.map = CharCNN(words, d_model, char_dim, char_filters, char_highway, max_chars)
@@ -595,7 +599,7 @@ class TokenIO(nn.Module):
     def _input_path(self, ids, drop):
         x = self.map(ids, drop)                     # (..., n or d_model)
         if self.unit is not None:
-            x = self.unit(x)                        # (..., m)
+            x = self.unit(self.map_drop(x))         # (..., m)
         if self.in_proj is not None:
             x = self.in_proj(x)                     # (..., d_model)
         return x * self.embed_scale if self.embed_scale != 1.0 else x

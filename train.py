@@ -64,9 +64,12 @@ DEFAULTS = dict(
     cutoffs=[],               # adaptive input / softmax band edges
     factor=None,              # band width divisor (None: 4 for adaptive, else 1)
     unit_dropout=0.0,         # dropout inside the DeFINE unit
+    map_dropout=0.0,          # dropout on the map's output, before the DeFINE unit
     unit_norm=True,           # LayerNorm in each unit layer (the LSTM presets turn it off)
     unit_lr=1.0,              # the DeFINE unit's learning rate, as a multiple of lr
     dedup=True,               # run DeFINE once per distinct token of a batch
+    embed_scale=None,         # multiplies the embedding (None: sqrt(d_model) for Transformers'
+                              # tables, 1 for DeFINE's and the CNN's outputs: see build_io)
     tied=None,                # output reuses the input tables (None: yes; False: tables of its own)
     out_factor=None,          # untied output's band divisor (None: factor; standard + 4 = ASM)
     # --- language-model batching
@@ -204,13 +207,15 @@ def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None, output=True
     # a DeFINE unit ends in a Reduce of LayerNorm-ed features, already O(1): scaling it too
     # made it ~16x the position signal and broke bf16 training of the translation model
     scale = d_model ** 0.5 if cfg['model'] in ('txl', 'nmt') and e not in ('define', 'cnn') else 1.0
+    scale = scale if cfg['embed_scale'] is None else cfg['embed_scale']
     kw = dict(cutoffs=cfg['cutoffs'], d_hidden=d_hidden, init_std=init_std, embed_scale=scale,
               factor=None if e == 'standard' else cfg['factor'], output=output)
     kw.update(tied=cfg['tied'], out_factor=cfg['out_factor'])   # untied outputs (define.TokenIO)
     if e == 'define':
         kw.update(n=cfg['n'], k=cfg['k'], m=cfg['m'] or d_model, depth=cfg['depth'],
                   g_max=cfg['g_max'], variant=cfg['variant'],
-                  unit_dropout=cfg['unit_dropout'], unit_norm=cfg['unit_norm'], dedup=cfg['dedup'])
+                  unit_dropout=cfg['unit_dropout'], map_dropout=cfg['map_dropout'],
+                  unit_norm=cfg['unit_norm'], dedup=cfg['dedup'])
     elif e != 'standard':
         kw.update(n=cfg['n'], words=words)
     return TokenIO(e, vocab_size, d_model, **kw)

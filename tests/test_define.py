@@ -701,3 +701,19 @@ def test_tiny_model_trains(kind, kw):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses[::10]
+
+
+def test_map_dropout_drops_the_maps_output_before_the_unit():
+    # oracle: the unit applied by hand to the map's output, dropped out with the same seed
+    # (no dedup: one draw per position)
+    io = _io('define', cutoffs=[], map_dropout=0.5, dedup=False)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    torch.manual_seed(7)
+    got = io.embed(ids)
+    torch.manual_seed(7)
+    e = io.map(ids, 0.0)
+    want = io.unit(F.dropout(e, 0.5, True))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(want, io.unit(e))   # it did drop something
+    io.eval()
+    torch.testing.assert_close(io.embed(ids), io.unit(io.map(ids, 0.0)))   # off in eval

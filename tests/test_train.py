@@ -432,6 +432,22 @@ def test_unit_lr_scales_only_the_units_parameters(optimizer):
     assert all(lr == 20.0 for i, lr in lr_of.items() if i not in unit)
 
 
+
+@pytest.mark.parametrize("embed, default", [('projective', 16 ** 0.5), ('define', 1.0)])
+def test_embed_scale_multiplies_what_enters_the_model(embed, default):
+    # the TXL default scales a table lookup by sqrt(d_model) and DeFINE's output not at all;
+    # embed_scale=c replaces either: the embedding is then c / default times the default one
+    args = ['--model', 'txl', '--embed', embed, 'd_model=16', 'n=8', 'k=16', 'n_layer=1', 'n_head=2',
+            'd_head=8', 'd_inner=16', 'vocab_size=50']
+    ids = torch.arange(50)
+    out = []
+    for extra in ([], ['embed_scale=2.5']):
+        torch.manual_seed(0)
+        io = train.build_model(train.get_config(args + extra), 50).io.eval()
+        out.append(io.embed(ids))
+    assert io.embed_scale == 2.5
+    torch.testing.assert_close(out[1], out[0] * (2.5 / default))
+
 def test_resume_with_a_foreign_optimizer_state_says_what_to_do(data_root, cache, tmp_path):
     args = TINY_LSTM + ['--embed', 'define', '--data-dir', data_root, '--cache-dir', cache,
                         '--out-dir', tmp_path, '--max-iters', '2']
