@@ -15,6 +15,8 @@ Tokens are drawn from a Zipf distribution over the vocabulary (rank r with proba
 ~ 1/r), so adaptive-softmax clusters and DeFINE's distinct-token count look like real text.
 MFU counts 6 x (non-embedding parameters) per token plus attention (fwd + bwd, full
 attention matrices) against PEAK_FLOPS; the output softmax and embeddings are not counted.
+Translation also prints MFU on the count of nanoGPT, Megatron and Chinchilla: every matrix
+multiply, the output layer included, forward and backward (nmt_matmul_flops, its parts).
 """
 import sys
 import time
@@ -44,6 +46,21 @@ def flops_per_token(cfg, model):
         klen = cfg['bptt'] + cfg['mem_len']
         f += 3 * 3 * 2 * cfg['n_layer'] * cfg['n_head'] * cfg['d_head'] * klen   # QK, QR, AV
     return f
+
+
+def nmt_matmul_flops(cfg, B, S, T, V):
+    """Every matrix multiply of one translation step, forward (2 FLOPs a multiply-add) and
+    backward (twice that): B sentence pairs, S source and T target positions, V target words,
+    a full softmax tied to a d-wide table (the standard embedding). -> dict(layers=,
+    attention=, output=) in FLOPs; tests/test_bench.py checks it against torch's counter."""
+    d, f = cfg['d_model'], cfg['d_ff']
+    enc = S * (4 * d * d + 2 * d * f)                 # q, k, v, out projections; feed-forward
+    dec = T * (4 * d * d + 2 * d * d + 2 * d * f) + S * 2 * d * d   # self, cross (q, out; k, v)
+    att_enc, att_dec = 2 * S * S * d, 2 * T * T * d + 2 * T * S * d   # scores and weighted sums
+    macs = dict(layers=cfg['enc_layers'] * enc + cfg['dec_layers'] * dec,
+                attention=cfg['enc_layers'] * att_enc + cfg['dec_layers'] * att_dec,
+                output=T * d * V)
+    return {k: 6 * B * v for k, v in macs.items()}
 
 
 def timed(step, steps, warmup, device):
@@ -131,11 +148,13 @@ def bench_model(cfg, env, steps, warmup, prof=False):
         # context parameters each); attention: encoder self, decoder self, cross
         flops = (6 * count_params(model)['context'] * B * T
                  + 12 * cfg['enc_layers'] * cfg['d_model'] * B * (S * S + T * T + S * T))
+        parts = nmt_matmul_flops(cfg, B, S, T, V[1])
     else:
         B, T = cfg['batch_size'] // world, cfg['bptt']
         data = [(d[:-1], d[1:]) for d in (zipf(V, (T + 1, B), 'cpu', g) for _ in range(4))]
         tokens = B * T
         flops = flops_per_token(cfg, model) * tokens
+        parts = None
     graphed = fast.graphed_step(model, env, 1, cfg['compile'], (T, B)) if cfg['cuda_graphs'] else None
     state, it = [None], [0]
     if cfg['model'] != 'nmt':               # carried state from the start: one compiled graph
@@ -169,6 +188,13 @@ def bench_model(cfg, env, steps, warmup, prof=False):
             f"{tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
             f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB | loss {loss.item():.3f} (finite: "
             f"{bool(torch.isfinite(loss))})")
+    if parts is not None and dev.type == 'cuda':
+        all_mm = sum(parts.values())
+        env.log(f"bench | every matmul: {all_mm / 1e12:.2f} TFLOP/step (layers "
+                f"{parts['layers'] / 1e12:.2f}, attention {parts['attention'] / 1e12:.2f}, output "
+                f"{parts['output'] / 1e12:.2f}{'' if cfg['embed'] == 'standard' else '; standard output assumed'})"
+                f" | MFU {100 * all_mm / dt / PEAK_FLOPS:5.1f}% (above: 6N + attention, "
+                f"{flops / 1e12:.2f} TFLOP/step)")
     return tok_s
 
 

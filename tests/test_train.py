@@ -58,6 +58,7 @@ def params_line(argv, capsys):
     (['--config', 'wt103_txl', '--embed', 'define', '--n', '256'], dict(context=36.25, io=69.20)),
     (['--config', 'wt103_txl', '--embed', 'define', '--n', '128'], dict(context=36.25, io=34.73)),
     (['--config', 'wt103_txl', '--embed', 'projective', '--n', '64'], dict(context=36.25, io=17.50, total=53.75)),
+    (['--config', 'cpu_ptb_txl'], dict(define=0.12, context=0.64, io=0.66, total=1.42)),   # README's CPU run
 ])
 def test_count_params_reproduces_the_paper(argv, want, capsys):
     got = params_line(argv, capsys)
