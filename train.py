@@ -102,7 +102,7 @@ DEFAULTS = dict(
     warmup=0, min_lr=0.0, lr_decay=0.1, lr_decay_epochs=[],
     max_epochs=None, max_iters=None,   # stop at whichever comes first
     # --- logging, evaluation, checkpoints
-    log_interval=50, eval_interval=None,   # steps (None: evaluate once per epoch)
+    log_interval=50, eval_interval=None,   # steps (eval None: each epoch; the last step always)
     eval_max_tokens=None,     # cap tokens per validation pass (None: the whole split)
     eval_only=False, count_params=False,
     resume=None,              # a checkpoint or its folder: continue it with its own settings
@@ -585,7 +585,7 @@ def train(cfg, env):
     env.log(f"batch: {batch_note}")
     opt = make_optimizer(cfg, model, fused=env.device.type == 'cuda')
     avg = Averager(model.parameters())
-    st = dict(step=0, tokens=0, best_val=float('inf'), val_history=[])
+    st = dict(step=0, tokens=0, best_val=float('inf'), val_history=[], evaluated=None)
     states = [None] * accum                     # carried (detached) state per micro-batch
     torch.manual_seed(cfg['seed'] + env.rank)   # dropout masks differ between ranks
     if cfg['resume']:
@@ -624,6 +624,7 @@ def train(cfg, env):
                 batches=batches.state_dict(), train=st, per_rank=per_rank, config=cfg, **vocabulary))
 
     def evaluate_and_save():
+        st['evaluated'] = st['step']
         avg.swap()                              # NT-ASGD evaluates the averaged weights
         with eval_lengths(model, cfg):
             v = evaluate(model, eval_batches('valid'), env)
@@ -708,7 +709,10 @@ def train(cfg, env):
         elif cfg['save_interval'] and st['step'] % cfg['save_interval'] == 0:
             save()
     signal.signal(signal.SIGINT, handler)
-    save()
+    if not stop and st['evaluated'] != st['step']:
+        evaluate_and_save()   # the steps since the last evaluation count too (best.pt may be them)
+    else:
+        save()
     out = Path(cfg['out_dir'])
     if stop:
         env.log(f"interrupted at step {st['step']}: " + (

@@ -234,14 +234,14 @@ def strict_json_rows(path):
 
 
 def test_nan_after_the_last_log_step_writes_no_checkpoint(data_root, cache, tmp_path, capsys):
-    """The weights turn non-finite between log steps: the run's last save refuses, the good
+    """The weights turn non-finite between log steps: the save at step 4 refuses, the good
     checkpoint stays, metrics.jsonl stays strict JSON."""
     args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path]
     run(args + ['--max-iters', '2'])
     good = (tmp_path / 'ckpt.pt').read_bytes()
     with pytest.raises(SystemExit) as e:
         run(args + ['--max-iters', '4', '--resume', tmp_path, '--lr', '1e38', '--grad-clip', '0',
-                    '--log-interval', '1000'])
+                    '--log-interval', '1000', '--save-interval', '4'])
     assert e.value.code == 2 and 'the weights are not finite' in capsys.readouterr().out
     assert (tmp_path / 'ckpt.pt').read_bytes() == good
     strict_json_rows(tmp_path / 'metrics.jsonl')
@@ -282,6 +282,19 @@ def test_resume_takes_the_checkpoints_settings_and_best_pt_evaluates(data_root, 
                  '--data-dir', data_root, '--out-dir', tmp_path / 'eval'], capsys)
     assert math.isfinite(ev['test_ppl'])
 
+
+
+def test_the_steps_after_the_last_evaluation_are_evaluated_too(data_root, cache, tmp_path, capsys):
+    """6 steps, an evaluation every 4: the run validates step 6 as well before its final
+    evaluation, which takes the better of the two (not step 4's weights by default)."""
+    res, out = run(TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                                '--max-iters', '6', '--eval-interval', '4'], capsys)
+    evals = {r['step']: r['val_ppl'] for r in strict_json_rows(tmp_path / 'metrics.jsonl')
+             if 'val_ppl' in r}
+    assert sorted(evals) == [4, 6] and 'eval | step 6 ' in out
+    best = min(evals, key=evals.get)
+    assert torch.load(tmp_path / 'best.pt', weights_only=True)['train']['step'] == best
+    assert res['valid_ppl'] == pytest.approx(evals[best], rel=1e-9)
 
 def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path):
     args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
