@@ -192,6 +192,10 @@ def check(cfg):   # one clear line for a value that would fail later, or silentl
     for key in ('out_dir', 'cache_dir', 'data_dir'):
         if cfg[key] is not None and Path(cfg[key]).exists() and not Path(cfg[key]).is_dir():
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]} is a file; name a folder")
+    if cfg['embed'] == 'adaptive' and not cfg['cutoffs']:   # one band: the projective table
+        sys.exit("error: --embed adaptive needs --cutoffs (band edges of the frequency-sorted "
+                 "vocabulary, e.g. cutoffs=[4000,20000] on WikiText-2); without them it is "
+                 "--embed projective")
     known = D.PARALLEL_CORPORA if cfg['model'] == 'nmt' else D.LM_CORPORA
     if cfg['dataset'] not in known:
         sys.exit(f"error: --dataset {cfg['dataset']!r} unknown for --model {cfg['model']}; "

@@ -106,6 +106,7 @@ def test_help_lists_every_setting(capsys):
     (['--d-model', '0'], "--d-model 0 must be"),
     (['--batch-size', '2.5'], "--batch-size 2.5 is not an int"),
     (['--out-dir', __file__], "is a file"),
+    (['--embed', 'adaptive'], "needs --cutoffs"),   # one band would be the projective table
 ])
 def test_bad_settings_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
