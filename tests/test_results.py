@@ -30,7 +30,8 @@ def _runs(row):
 
 @pytest.mark.parametrize("label, row", ROWS.items())
 def test_wt2_table_matches_its_logs(label, row):
-    line = next(l for l in (ROOT / 'README.md').read_text().splitlines() if l.startswith(label))
+    line = next((l for l in (ROOT / 'README.md').read_text().splitlines() if l.startswith(label)), None)
+    assert line is not None, f"the README has no row {label!r}"
     runs = _runs(row)
     valid, test, total, loss = zip(*runs)
     assert len(set(total)) == 1
