@@ -8,11 +8,18 @@ import pytest
 
 from conftest import ROOT
 
-ROWS = {   # README row label -> log name in results/wt2_8000/ (ROW_sSEED.log)
+ROWS = {   # README row (its start) -> log name in results/wt2_8000/ (ROW_sSEED.log)
     '| standard | 256 |': 'std', '| projective | 128 |': 'proj128', '| projective | 64 |': 'proj64',
     '| adaptive (cutoffs 4000, 20000) | 256 |': 'adp',
-    '| define (k 1024, m 256, depth 3) | 128 |': 'def128',
-    "| define, the authors' unit (`variant=define_delight`) | 128 |": 'delight128'}
+    '| define (k 1024, m 256, depth 3), no dropout in the unit | 128 |': 'def128',
+    "| define, the authors' unit (`variant=define_delight`), no dropout in the unit | 128 |": 'delight128',
+    '| define, the preset now: dropout 0.1 on the map and in the unit | 128 |': 'h_drop',
+    # the table of hypotheses: why DeFINE trails a projective table
+    '| baseline: DeFINE | none |': 'def128',
+    '| the unit overfits | `map_dropout=0.1 unit_dropout=0.1`': 'h_drop',
+    "| the unit's output is too small next to a scaled table's | `embed_scale=16`": 'h_scale',
+    '| the tied output, n wide, does not see the unit | `tied=False`': 'h_untied',
+    "| the paper's text misreads the unit | `variant=define_delight`": 'delight128'}
 SEEDS = (1111, 2, 3)
 
 

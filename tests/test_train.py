@@ -337,6 +337,7 @@ def test_averager_is_the_mean_of_the_iterates():
 NO_DROPOUT = dict(lstm=TINY_LSTM + ['--dropout', '0', '--dropouth', '0', '--dropouti', '0',
                                     '--dropoute', '0', '--wdrop', '0', '--eval-interval', '0'],
                   txl=TINY_TXL + ['--embed', 'define', '--dropout', '0', '--dropatt', '0',
+                                  '--unit-dropout', '0', '--map-dropout', '0',
                                   # SGD, unclipped: a wrong gradient scale shows
                                   '--optimizer', 'sgd', '--lr', '0.5', '--grad-clip', '0'])
 
