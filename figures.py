@@ -230,8 +230,9 @@ def load_lm(path, device='cpu', **override):
     """(model in eval mode, its TokenIO, settings, env) from a train.py checkpoint (ckpt.pt or
     best.pt). `override` replaces settings that do not change the weights (data_dir,
     eval_max_tokens, ...); env is train.setup's (device, autocast, log)."""
+    import checkpoint
     import train
-    ck = train.load_checkpoint(path)
+    ck = checkpoint.load(path)
     cfg = train.checkpoint_config(ck, device=device, embed_cache=False, **override)
     if cfg['model'] == 'nmt':
         sys.exit(f"error: {path} is a translation model; these analyses take language models")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoint
 import data as D
 import train
 
@@ -58,7 +59,7 @@ def get_args(argv):
 def load(args, log):
     path = Path(args.resume)
     path = path / 'ckpt.pt' if path.is_dir() else path
-    ck = train.load_checkpoint(path)      # one error line if missing or unreadable
+    ck = checkpoint.load(path)      # one error line if missing or unreadable
     cfg = train.checkpoint_config(ck, device=args.device, resume=str(path),
                                   embed_cache=args.embed_cache)
     env = train.setup(cfg)                # device and autocast

@@ -1,14 +1,107 @@
-"""The command line of train.py: argparse built from its DEFAULTS dict, so that every setting
-is `--key value`, `--key=value`, `--flag` or `key=value`, typed like its default, listed by
---help under DEFAULTS' section headers with its comment. Nothing here is about the method.
+"""The settings of train.py, read and checked: argparse built from its DEFAULTS dict, so that
+every setting is `--key value`, `--key=value`, `--flag` or `key=value`, typed like its default,
+listed by --help under DEFAULTS' section headers with its comment; presets (config/NAME.py);
+a resumed run's settings from its checkpoint; one clear line for a value that would fail later,
+or silently. Nothing here is about the method.
 
+    settings.load(argv, defaults, choices, default_preset, doc, source) -> the checked settings
     settings.parse(argv, defaults, doc, source) -> {key: value} of the settings given
 """
 import argparse
 import ast
 import difflib
 import re
+import runpy
+import sys
 from pathlib import Path
+
+import checkpoint
+import data
+
+
+# settings a resumed run may change; the others (model shape, batching, optimizer, data) would
+# break it, and --resume takes them from the checkpoint
+RESUMABLE = {'max_epochs', 'max_iters', 'log_interval', 'eval_interval', 'save_interval',
+             'eval_max_tokens', 'eval_batch_size', 'test_batch_size', 'eval_tgt_len',
+             'eval_mem_len', 'eval_clamp_len', 'eval_same_length', 'data_dir', 'cache_dir',
+             'out_dir', 'device', 'dtype', 'compile', 'cuda_graphs', 'save', 'embed_cache',
+             'beam', 'lenpen', 'max_len_b', 'bleu_tokenize', 'avg_last', 'lr', 'grad_clip',
+             'eval_only', 'count_params', 'resume', 'overwrite', 'config'}
+POSITIVE = ('batch_size', 'micro_batch', 'bptt', 'd_model', 'n', 'k', 'm', 'depth', 'g_max',
+            'lstm_hidden', 'lstm_layers', 'n_layer', 'n_head', 'd_head', 'd_inner', 'enc_layers',
+            'dec_layers', 'd_ff', 'max_tokens', 'batch_tokens', 'eval_batch_size',
+            'test_batch_size', 'eval_max_tokens', 'beam', 'log_interval', 'save_interval')
+
+
+def load(argv, defaults, choices, default_preset, doc, source):
+    """defaults <- preset <- command line (under torchrun, whose own options swallow
+    abbreviations like --n and --m, use n=128). With --resume, the checkpoint's settings
+    replace defaults and the preset. source: the file of `defaults`, beside config/."""
+    args = parse(argv, defaults, doc, source)
+    if args.get('resume'):
+        return check(_resumed(args, defaults), defaults, choices)
+    cfg = dict(defaults)
+    preset = args.get('config') or default_preset.get(args.get('model', cfg['model']))
+    if preset:
+        folder = Path(source).resolve().parent / 'config'
+        path = folder / f'{preset}.py'
+        if not path.exists() or '/' in preset or '\\' in preset:
+            sys.exit(f"error: no preset {preset!r}; choose one of "
+                     f"{sorted(p.stem for p in folder.glob('*.py'))}")
+        for key, val in runpy.run_path(str(path)).items():
+            if not key.startswith('_'):
+                if key not in defaults:
+                    sys.exit(f"error: preset {path.name} sets unknown key {key!r}")
+                cfg[key] = val
+    cfg.update(args, config=preset)
+    return check(cfg, defaults, choices)
+
+
+def from_checkpoint(ck, defaults, **override):
+    """The settings a checkpoint was written with; those added to defaults since, at theirs."""
+    return {**defaults, **{k: v for k, v in ck['config'].items() if k in defaults}, **override}
+
+
+def _resumed(args, defaults):
+    """The checkpoint's settings, with those of the command line that may change."""
+    path = Path(args['resume'])
+    path = path / 'ckpt.pt' if path.is_dir() else path
+    ck = checkpoint.load(path)
+    old = ck['config']
+    fixed = {k: v for k, v in args.items() if k not in RESUMABLE and old.get(k, v) != v}
+    if fixed:
+        sys.exit(f"error: {path} was trained with " + ', '.join(f"{k}={old[k]!r}" for k in fixed)
+                 + f"; --resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
+                 f" (start a new run in another --out-dir instead)")
+    cfg = from_checkpoint(ck, defaults, out_dir=str(path.parent), save_interval=None, overwrite=False)
+    return {**cfg, **args, 'resume': str(path)}
+
+
+def check(cfg, defaults, choices):   # one clear line for a value that would fail later, or silently
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            sys.exit(f"error: --{key} {cfg[key]!r} unknown; choose one of {allowed}")
+    for key, val in cfg.items():
+        want = type(defaults[key])
+        if val is not None and defaults[key] is not None and not isinstance(val, want) and not (
+                want is float and isinstance(val, int)) and not (want is list and isinstance(val, tuple)):
+            sys.exit(f"error: --{key.replace('_', '-')} {val!r} is not a{'n' if want is int else ''} "
+                     f"{want.__name__} (default: {defaults[key]!r})")
+    for key in POSITIVE:
+        if cfg[key] is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
+            sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be a positive whole number")
+    for key in ('out_dir', 'cache_dir', 'data_dir'):
+        if cfg[key] is not None and Path(cfg[key]).exists() and not Path(cfg[key]).is_dir():
+            sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]} is a file; name a folder")
+    if cfg['embed'] == 'adaptive' and not cfg['cutoffs']:   # one band: the projective table
+        sys.exit("error: --embed adaptive needs --cutoffs (band edges of the frequency-sorted "
+                 "vocabulary, e.g. cutoffs=[4000,20000] on WikiText-2); without them it is "
+                 "--embed projective")
+    known = data.PARALLEL_CORPORA if cfg['model'] == 'nmt' else data.LM_CORPORA
+    if cfg['dataset'] not in known:
+        sys.exit(f"error: --dataset {cfg['dataset']!r} unknown for --model {cfg['model']}; "
+                 f"choose one of {sorted(known)}")
+    return cfg
 
 
 def parse(argv, defaults, doc, source):

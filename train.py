@@ -11,10 +11,11 @@ sample.py uses a trained checkpoint: samples text, scores a file, translates raw
 
 Every setting is a key of DEFAULTS below; a preset (config/NAME.py, plain assignments; without
 --config the model's own, DEFAULT_PRESET) overrides them, and the command line overrides both
-(settings.py parses it). The settings that differ from DEFAULTS are printed at start; all are
-stored in every checkpoint, and --resume takes them from there.
+(settings.py reads and checks them). The settings that differ from DEFAULTS are printed at
+start; all are stored in every checkpoint, and --resume takes them from there. checkpoint.py
+writes and reads the files (atomically, with one clear line on error).
 
-Read top to bottom: settings -> building a model -> optimisation -> checkpoints -> data and
+Read top to bottom: settings -> building a model -> optimisation -> resuming -> data and
 evaluation -> train(): set-up, ONE loop for all three models, the final evaluation. Every
 model is called the same way, `loss, state = model(x, y, state)` (state: the LSTM's hidden
 state, Transformer-XL's memory, nothing for translation). fast.py (CUDA graphs, compile) is
@@ -23,7 +24,6 @@ imported only with --cuda-graphs (on a GPU) or --compile; the loop is the same e
 import json
 import math
 import os
-import runpy
 import signal
 import sys
 import time
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import data as D
 import settings
 from define import DeFINE, TokenIO, count_params
@@ -119,88 +120,15 @@ CHOICES = dict(model=('lstm', 'txl', 'nmt'),
 
 # ------------------------------------------------------------------------------ settings
 
-# settings a resumed run may change; the others (model shape, batching, optimizer, data) would
-# break it, and --resume takes them from the checkpoint
-RESUMABLE = {'max_epochs', 'max_iters', 'log_interval', 'eval_interval', 'save_interval',
-             'eval_max_tokens', 'eval_batch_size', 'test_batch_size', 'eval_tgt_len',
-             'eval_mem_len', 'eval_clamp_len', 'eval_same_length', 'data_dir', 'cache_dir',
-             'out_dir', 'device', 'dtype', 'compile', 'cuda_graphs', 'save', 'embed_cache',
-             'beam', 'lenpen', 'max_len_b', 'bleu_tokenize', 'avg_last', 'lr', 'grad_clip',
-             'eval_only', 'count_params', 'resume', 'overwrite', 'config'}
-POSITIVE = ('batch_size', 'micro_batch', 'bptt', 'd_model', 'n', 'k', 'm', 'depth', 'g_max',
-            'lstm_hidden', 'lstm_layers', 'n_layer', 'n_head', 'd_head', 'd_inner', 'enc_layers',
-            'dec_layers', 'd_ff', 'max_tokens', 'batch_tokens', 'eval_batch_size',
-            'test_batch_size', 'eval_max_tokens', 'beam', 'log_interval', 'save_interval')
-
-
 def get_config(argv):
-    """DEFAULTS <- preset <- command line: `--key value`, `--key=value`, `--flag` or `key=value`
-    (under torchrun, whose own options swallow abbreviations like --n and --m, use n=128).
-    With --resume, the checkpoint's settings replace DEFAULTS and the preset."""
-    args = settings.parse(argv, DEFAULTS, __doc__, Path(__file__))
-    if args.get('resume'):
-        return check(_resumed(args))
-    cfg = dict(DEFAULTS)
-    preset = args.get('config') or DEFAULT_PRESET.get(args.get('model', cfg['model']))
-    if preset:
-        path = ROOT / 'config' / f'{preset}.py'
-        if not path.exists() or path.parent.name != 'config' or '/' in preset or '\\' in preset:
-            sys.exit(f"error: no preset {preset!r}; choose one of "
-                     f"{sorted(p.stem for p in (ROOT / 'config').glob('*.py'))}")
-        for key, val in runpy.run_path(str(path)).items():
-            if not key.startswith('_'):
-                if key not in DEFAULTS:
-                    sys.exit(f"error: preset {path.name} sets unknown key {key!r}")
-                cfg[key] = val
-    cfg.update(args, config=preset)
-    return check(cfg)
-
-
-def _resumed(args):
-    """The checkpoint's settings, with those of the command line that may change."""
-    path = Path(args['resume'])
-    path = path / 'ckpt.pt' if path.is_dir() else path
-    ck = load_checkpoint(path)
-    old = ck['config']
-    fixed = {k: v for k, v in args.items() if k not in RESUMABLE and old.get(k, v) != v}
-    if fixed:
-        sys.exit(f"error: {path} was trained with " + ', '.join(f"{k}={old[k]!r}" for k in fixed)
-                 + f"; --resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
-                 f" (start a new run in another --out-dir instead)")
-    cfg = checkpoint_config(ck, out_dir=str(path.parent), save_interval=None, overwrite=False)
-    return {**cfg, **args, 'resume': str(path)}
+    """DEFAULTS <- preset <- command line (or, with --resume, the checkpoint's settings <- the
+    command line), every value checked: settings.py."""
+    return settings.load(argv, DEFAULTS, CHOICES, DEFAULT_PRESET, __doc__, Path(__file__))
 
 
 def checkpoint_config(ck, **override):
     """The settings a checkpoint was written with; those added to DEFAULTS since, at theirs."""
-    return {**DEFAULTS, **{k: v for k, v in ck['config'].items() if k in DEFAULTS}, **override}
-
-
-def check(cfg):   # one clear line for a value that would fail later, or silently
-    for key, choices in CHOICES.items():
-        if cfg[key] not in choices:
-            sys.exit(f"error: --{key} {cfg[key]!r} unknown; choose one of {choices}")
-    for key, val in cfg.items():
-        want = type(DEFAULTS[key])
-        if val is not None and DEFAULTS[key] is not None and not isinstance(val, want) and not (
-                want is float and isinstance(val, int)) and not (want is list and isinstance(val, tuple)):
-            sys.exit(f"error: --{key.replace('_', '-')} {val!r} is not a{'n' if want is int else ''} "
-                     f"{want.__name__} (default: {DEFAULTS[key]!r})")
-    for key in POSITIVE:
-        if cfg[key] is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
-            sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be a positive whole number")
-    for key in ('out_dir', 'cache_dir', 'data_dir'):
-        if cfg[key] is not None and Path(cfg[key]).exists() and not Path(cfg[key]).is_dir():
-            sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]} is a file; name a folder")
-    if cfg['embed'] == 'adaptive' and not cfg['cutoffs']:   # one band: the projective table
-        sys.exit("error: --embed adaptive needs --cutoffs (band edges of the frequency-sorted "
-                 "vocabulary, e.g. cutoffs=[4000,20000] on WikiText-2); without them it is "
-                 "--embed projective")
-    known = D.PARALLEL_CORPORA if cfg['model'] == 'nmt' else D.LM_CORPORA
-    if cfg['dataset'] not in known:
-        sys.exit(f"error: --dataset {cfg['dataset']!r} unknown for --model {cfg['model']}; "
-                 f"choose one of {sorted(known)}")
-    return cfg
+    return settings.from_checkpoint(ck, DEFAULTS, **override)
 
 
 # ------------------------------------------------------------------------------ building
@@ -336,44 +264,13 @@ class Averager:
         self.avg = s['avg'] and [a.to(p.device) for a, p in zip(s['avg'], self.params)]
 
 
-# ------------------------------------------------------------------------------ checkpoints
-
-def save_checkpoint(path, obj):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = Path(path).with_name(f'{Path(path).name}.tmp{os.getpid()}')   # no two writers collide
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not Path(path).is_file():
-        sys.exit(f"error: checkpoint {path} not found")
-    try:
-        ck = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated file, not a checkpoint, or unsafe pickle
-        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                 f"it may be truncated: use an earlier checkpoint or start without --resume")
-    if not isinstance(ck, dict) or 'model' not in ck or 'config' not in ck:
-        sys.exit(f"error: {path} is not a checkpoint written by train.py (no model/config)")
-    return ck
-
-
-def load_model_state(model, ck, cfg):
-    try:
-        model.load_state_dict(ck['model'])
-    except RuntimeError as e:
-        old = ck['config']
-        diff = {k: (old.get(k), cfg.get(k)) for k in cfg if k in old and old[k] != cfg[k]
-                and k not in ('resume', 'eval_only', 'max_iters', 'out_dir', 'data_dir')}
-        sys.exit(f"error: the checkpoint does not fit this model; settings that differ "
-                 f"(checkpoint, now): {diff or 'none'}\n{str(e)[:600]}")
-
+# ------------------------------------------------------------------------------ resuming
 
 def resume(cfg, env, model, opt, avg, batches, st, accum):
     """Load --resume's checkpoint into the model, optimizer, averager, batches and training
     state, and this rank's random state; -> its carried states, or None (start afresh)."""
-    ck = load_checkpoint(cfg['resume'])
-    load_model_state(model, ck, cfg)
+    ck = checkpoint.load(cfg['resume'])
+    checkpoint.load_model_state(model, ck, cfg)
     try:
         opt.load_state_dict(ck['optimizer'])
     except ValueError as e:   # e.g. one parameter group, written before unit_lr existed
@@ -392,13 +289,7 @@ def resume(cfg, env, model, opt, avg, batches, st, accum):
     torch.set_rng_state(mine['rng_cpu'])
     if mine['rng_cuda'] is not None and env.device.type == 'cuda':
         torch.cuda.set_rng_state(mine['rng_cuda'])
-    return to(mine['states'], env.device) if len(mine['states']) == accum else None
-
-
-def to(tree, device):   # a carried state: None, or tensors in nested lists and tuples
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to(t, device) for t in tree)
-    return None if tree is None else tree.to(device)
+    return checkpoint.to(mine['states'], env.device) if len(mine['states']) == accum else None
 
 
 # ------------------------------------------------------------------------------ data and evaluation
@@ -548,28 +439,10 @@ def forward_backward(fwd, x, y, state, env, accum=1):
     return loss.detach(), state
 
 
-RUN_FILES = ('ckpt*.pt', 'best.pt', 'metrics.jsonl')
-
-
-def claim_out_dir(cfg, env):
-    """A new run never mixes with another run's files: it refuses a folder that holds one,
-    or (--overwrite True) deletes them first. A resumed run writes beside its checkpoint."""
-    out = Path(cfg['out_dir'])
-    if cfg['resume'] and out.resolve() == Path(cfg['resume']).resolve().parent:
-        return
-    found = sorted(p.name for pat in RUN_FILES for p in out.glob(pat))
-    if found and not cfg['overwrite']:
-        sys.exit(f"error: {out} holds another run ({', '.join(found[:4])}); --resume {out} "
-                 f"continues it, --out-dir DIR starts elsewhere, --overwrite True replaces it")
-    if found and env.master:
-        for name in found:
-            (out / name).unlink()
-
-
 def train(cfg, env):
     # ---- data, model, optimizer; rank 0 downloads and tokenizes while the others wait
     accum, batch_note = accumulation(cfg, env.world)
-    claim_out_dir(cfg, env)
+    checkpoint.claim_out_dir(cfg, env.master)
     if env.world > 1 and not env.master:
         dist.barrier()
     corpus, vocab, batches, eval_batches = load_data(cfg, env, accum)
@@ -617,13 +490,13 @@ def train(cfg, env):
             env.log(f"error: the weights are not finite at step {st['step']}; nothing written, "
                     f"the last good checkpoint is kept: resume from it with a lower --lr or --grad-clip")
             raise SystemExit(2)
-        mine = dict(rng_cpu=torch.get_rng_state(), states=[to(s, 'cpu') for s in states],
+        mine = dict(rng_cpu=torch.get_rng_state(), states=[checkpoint.to(s, 'cpu') for s in states],
                     rng_cuda=torch.cuda.get_rng_state() if env.device.type == 'cuda' else None)
         per_rank = [mine] * env.world
         if env.world > 1:
             dist.all_gather_object(per_rank, mine)
         if env.master and cfg['save']:
-            save_checkpoint(Path(cfg['out_dir']) / name, dict(
+            checkpoint.save(Path(cfg['out_dir']) / name, dict(
                 model=model.state_dict(), optimizer=opt.state_dict(), averager=avg.state_dict(),
                 batches=batches.state_dict(), train=st, per_rank=per_rank, config=cfg, **vocabulary))
 
@@ -634,7 +507,7 @@ def train(cfg, env):
             v = evaluate(model, eval_batches('valid'), env)
         best = v < st['best_val']
         if best and env.master and cfg['save']:
-            save_checkpoint(Path(cfg['out_dir']) / 'best.pt', dict(
+            checkpoint.save(Path(cfg['out_dir']) / 'best.pt', dict(
                 model=model.state_dict(), config=cfg, train=st, **vocabulary))
         avg.swap()
         check_finite(v, st['step'], env.log)
@@ -731,11 +604,11 @@ def train(cfg, env):
         model.load_state_dict(nmt.average_checkpoints(paths))
         env.log(f"averaged {len(paths)} checkpoints: {[p.name for p in paths]}")
     elif cfg['save'] and (out / 'best.pt').exists():
-        model.load_state_dict(load_checkpoint(out / 'best.pt')['model'])
+        model.load_state_dict(checkpoint.load(out / 'best.pt')['model'])
     else:
         avg.swap()
     res = final_eval(cfg, env, model, corpus, eval_batches, st['step'])
-    env.log(f"wrote {', '.join(str(p) for pat in RUN_FILES for p in sorted(out.glob(pat)))}")
+    env.log(f"wrote {', '.join(str(p) for pat in checkpoint.RUN_FILES for p in sorted(out.glob(pat)))}")
     return res
 
 
@@ -761,7 +634,7 @@ def trained_model(ck, cfg, env):
     """The model of checkpoint ck (ckpt.pt or best.pt; cfg: its settings) on env.device, in
     eval mode, with DeFINE's cached table if cfg['embed_cache']."""
     model = build_model(cfg, cfg['vocab_size'], ck.get('words'))
-    load_model_state(model, ck, cfg)
+    checkpoint.load_model_state(model, ck, cfg)
     model.to(env.device).eval()
     if cfg['embed_cache']:
         use_embed_cache(model, env.log)
@@ -769,7 +642,7 @@ def trained_model(ck, cfg, env):
 
 
 def eval_only(cfg, env):
-    ck = load_checkpoint(cfg['resume'])
+    ck = checkpoint.load(cfg['resume'])
     model = trained_model(ck, cfg, env)
     corpus, _, _, eval_batches = load_data(cfg, env)
     return final_eval(cfg, env, model, corpus, eval_batches, ck['train']['step'])

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import nmt
 import sample
 import train
@@ -132,7 +133,7 @@ def test_eval_file_of_the_valid_split_equals_train_eval_only(trained, capsys, tm
 # ------------------------------------------------------------------ translation
 
 def test_translation_tokenizes_raw_text_and_detokenizes_its_output(trained, capsys, monkeypatch):
-    ck = train.load_checkpoint(trained('nmt') / 'ckpt.pt')
+    ck = checkpoint.load(trained('nmt') / 'ckpt.pt')
     src, tgt = ck['vocab']['src'], ck['vocab']['tgt']
     fed = []
 
@@ -185,7 +186,7 @@ def test_a_mode_the_model_has_not_is_one_error_line(trained, capsys):
 def test_a_checkpoint_without_a_vocabulary_rebuilds_it(kind, trained, capsys, monkeypatch, tmp_path):
     # older LM checkpoints hold no words, and a translation model's best.pt no vocab: the
     # corpus gives the same vocabulary back
-    ck = train.load_checkpoint(trained(kind) / 'ckpt.pt')
+    ck = checkpoint.load(trained(kind) / 'ckpt.pt')
     torch.save({k: ck[k] for k in ('model', 'config', 'train')}, tmp_path / 'best.pt')
     argv = ['--translate'] if kind == 'nmt' else ['--start', 'the market', '--max-new-tokens', '9']
     text = 'Two dogs play in the snow.\nA woman reads.\n'
