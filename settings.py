@@ -31,6 +31,8 @@ POSITIVE = ('batch_size', 'micro_batch', 'bptt', 'd_model', 'n', 'k', 'm', 'dept
             'lstm_hidden', 'lstm_layers', 'n_layer', 'n_head', 'd_head', 'd_inner', 'enc_layers',
             'dec_layers', 'd_ff', 'max_tokens', 'batch_tokens', 'eval_batch_size',
             'test_batch_size', 'eval_max_tokens', 'beam', 'log_interval', 'save_interval')
+PROBABILITY = ('dropout', 'dropouth', 'dropouti', 'dropoute', 'wdrop', 'dropatt', 'unit_dropout',
+               'map_dropout', 'label_smoothing')   # each in [0, 1)
 
 
 def load(argv, defaults, choices, default_preset, doc, source):
@@ -90,6 +92,9 @@ def check(cfg, defaults, choices):   # one clear line for a value that would fai
     for key in POSITIVE:
         if cfg[key] is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be a positive whole number")
+    for key in PROBABILITY:
+        if not (isinstance(cfg[key], (int, float)) and 0 <= cfg[key] < 1):
+            sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be at least 0 and below 1")
     for key in ('out_dir', 'cache_dir', 'data_dir'):
         if cfg[key] is not None and Path(cfg[key]).exists() and not Path(cfg[key]).is_dir():
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]} is a file; name a folder")

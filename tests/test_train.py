@@ -107,6 +107,9 @@ def test_help_lists_every_setting(capsys):
     (['--batch-size', '2.5'], "--batch-size 2.5 is not an int"),
     (['--out-dir', __file__], "is a file"),
     (['--embed', 'adaptive'], "needs --cutoffs"),   # one band would be the projective table
+    (['--unit-dropout', '1.5'], "--unit-dropout 1.5 must be at least 0 and below 1"),
+    (['--dropout', '-0.1'], "--dropout -0.1 must be at least 0"),
+    (['--label-smoothing', '1'], "--label-smoothing 1 must be"),
 ])
 def test_bad_settings_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
