@@ -48,3 +48,15 @@ def test_wt2_table_matches_its_logs(label, row):
             ' / '.join(f"{t:.2f}" for t in test), f"{statistics.mean(loss):.3f}"]
     cells = [c.strip().strip('*') for c in line.split('|')[3:-1]]
     assert cells == want
+
+
+def test_cpu_preset_seeds_match_their_logs():
+    """The README's tie at the CPU preset's size: every test perplexity it quotes is a log's."""
+    readme = (ROOT / 'README.md').read_text()
+    quoted = re.search(r'DeFINE gives test ([\d.]+) / ([\d.]+) and\s+projective n 64 ([\d.]+) / '
+                       r'([\d.]+) \(seeds 1111 / 2', readme)
+    assert quoted, "the README's CPU-preset comparison is not where this test looks"
+    logs = ['define_s1111', 'define_s2', 'projective_n64_s1111', 'projective_n64_s2']
+    for want, name in zip(quoted.groups(), logs):
+        text = (ROOT / 'results' / 'cpu_ptb_txl_seeds' / f'{name}.log').read_text()
+        assert re.search(r'^final \| .*test ppl ([\d.]+)', text, re.M).group(1) == want, name
