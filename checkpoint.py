@@ -19,13 +19,20 @@ def save(path, obj):
     os.replace(tmp, path)
 
 
-def load(path):
+def file(path):
+    """A checkpoint, or a run folder: its ckpt.pt."""
+    path = Path(path)
+    return path / 'ckpt.pt' if path.is_dir() else path
+
+
+def load(path, mmap=False):
     """A checkpoint written by train.py, on the CPU; a missing, truncated or foreign file
-    exits with one line that says so."""
+    exits with one line that says so. mmap=True: tensors are read from the file only when
+    used (for the settings alone, without reading the weights)."""
     if not Path(path).is_file():
         sys.exit(f"error: checkpoint {path} not found")
     try:
-        ck = torch.load(path, map_location='cpu', weights_only=True)
+        ck = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, not a checkpoint, or unsafe pickle
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}); "
                  f"it may be truncated: use an earlier checkpoint or start without --resume")

@@ -66,9 +66,8 @@ def from_checkpoint(ck, defaults, **override):
 
 def _resumed(args, defaults):
     """The checkpoint's settings, with those of the command line that may change."""
-    path = Path(args['resume'])
-    path = path / 'ckpt.pt' if path.is_dir() else path
-    ck = checkpoint.load(path)
+    path = checkpoint.file(args['resume'])
+    ck = checkpoint.load(path, mmap=True)      # its settings: the weights are read later, once
     old = ck['config']
     fixed = {k: v for k, v in args.items() if k not in RESUMABLE and old.get(k, v) != v}
     if fixed:

@@ -288,6 +288,16 @@ def test_resume_takes_the_checkpoints_settings_and_best_pt_evaluates(data_root, 
 
 
 
+def test_a_truncated_checkpoint_is_refused_with_one_line(tmp_path):
+    """--resume reads the settings without the weights (mmap): a cut file still gets one line."""
+    torch.save(dict(model={'w': torch.zeros(1000)}, config={}), tmp_path / 'ckpt.pt')
+    whole = (tmp_path / 'ckpt.pt').read_bytes()
+    (tmp_path / 'ckpt.pt').write_bytes(whole[:len(whole) // 2])
+    for argv in (['--resume', tmp_path], ['--eval-only', '--resume', tmp_path / 'ckpt.pt']):
+        with pytest.raises(SystemExit, match='not a readable checkpoint.*it may be truncated'):
+            train.main([str(a) for a in argv])
+
+
 def test_the_steps_after_the_last_evaluation_are_evaluated_too(data_root, cache, tmp_path, capsys):
     """6 steps, an evaluation every 4: the run validates step 6 as well before its final
     evaluation, which takes the better of the two (not step 4's weights by default)."""
