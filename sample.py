@@ -17,7 +17,6 @@ import argparse
 import re
 import sys
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,8 +56,7 @@ def get_args(argv):
 
 
 def load(args, log):
-    path = Path(args.resume)
-    path = path / 'ckpt.pt' if path.is_dir() else path
+    path = checkpoint.file(args.resume)
     ck = checkpoint.load(path)      # one error line if missing or unreadable
     cfg = train.checkpoint_config(ck, device=args.device, resume=str(path),
                                   embed_cache=args.embed_cache)
@@ -101,7 +99,7 @@ def to_ids(words, stoi):   # words -> ids and how many were unknown (mapped to <
     return [stoi.get(w, unk) for w in words], unknown
 
 
-def step(model, cfg, x, state):
+def step(model, x, state):
     """x (T, B) ids -> log-probs of the next word (B, V) and the carried state: the AWD-LSTM's
     (h, c) per layer, or Transformer-XL's memory (its last mem_len positions per layer)."""
     h, state = model(x, None, state)      # no targets: the hidden states (T, B, d)
@@ -115,7 +113,7 @@ def sample(model, cfg, env, prompt, args):
     out, state = [x], None
     with env.ctx, train.eval_lengths(model, cfg):
         for _ in range(args.max_new_tokens):    # the prompt once, then one word at a time
-            lp, state = step(model, cfg, x, state)
+            lp, state = step(model, x, state)
             if args.temperature == 0:
                 nxt = lp.argmax(-1)
             else:

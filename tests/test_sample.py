@@ -94,16 +94,16 @@ def test_txl_step_by_step_with_memory_equals_full_recomputation(trained):
     ids = torch.randint(0, cfg['vocab_size'], (M + 8, 2))   # (T, B)
 
     def incremental(prefix):                     # as sample() decodes: 3 words, then one at a time
-        lp, state = sample.step(model, cfg, prefix[:3], None)
+        lp, state = sample.step(model, prefix[:3], None)
         for t in range(3, len(prefix)):
-            lp, state = sample.step(model, cfg, prefix[t:t + 1], state)
+            lp, state = sample.step(model, prefix[t:t + 1], state)
         return lp
 
     with torch.no_grad():
-        full = sample.step(model, cfg, ids[:M + 1], None)[0]   # one forward over the whole prefix
+        full = sample.step(model, ids[:M + 1], None)[0]   # one forward over the whole prefix
         torch.testing.assert_close(incremental(ids[:M + 1]), full, atol=1e-5, rtol=1e-5)
         # a longer prefix is more than the memory covers: then the two differ
-        assert (incremental(ids) - sample.step(model, cfg, ids, None)[0]).abs().max() > 1e-4
+        assert (incremental(ids) - sample.step(model, ids, None)[0]).abs().max() > 1e-4
 
 
 # ------------------------------------------------------------------ scoring a file
