@@ -1,7 +1,7 @@
 """A run's files: checkpoints written whole or not at all and read back with one clear line on
-error, and a run folder that never mixes two runs. Nothing here is about the method; train.py
-decides what a checkpoint holds (model, optimizer, averager, batches, every rank's random and
-carried state, settings, vocabulary).
+error, and a run folder that never mixes two runs. Nothing here is about the method; train.py's
+save decides what a checkpoint holds (model, optimizer, averager, batches, every rank's random
+and carried state, settings, vocabulary), and restore reads that back for --resume.
 """
 import os
 import sys
@@ -51,6 +51,33 @@ def load_model_state(model, ck, cfg):
                 and k not in ('resume', 'eval_only', 'max_iters', 'out_dir', 'data_dir')}
         sys.exit(f"error: the checkpoint does not fit this model; settings that differ "
                  f"(checkpoint, now): {diff or 'none'}\n{str(e)[:600]}")
+
+
+def restore(cfg, env, model, opt, avg, batches, st, accum):
+    """The inverse of train.py's save: --resume's checkpoint into the model, optimizer,
+    averager, batches, training state `st` and this rank's random state; -> this rank's
+    carried states, or None (they start afresh: a different number of ranks or micro-batches)."""
+    ck = load(cfg['resume'])
+    load_model_state(model, ck, cfg)
+    try:
+        opt.load_state_dict(ck['optimizer'])
+    except ValueError as e:   # e.g. one parameter group, written before unit_lr existed
+        sys.exit(f"error: the optimizer state in {cfg['resume']} does not fit this model's "
+                 f"({e}); it was written by an older train.py. Evaluate it with --eval-only "
+                 f"True, or start the run afresh")
+    avg.load_state_dict(ck['averager'])
+    batches.load_state_dict(ck['batches'])
+    st.update(ck['train'])
+    env.log(f"resumed from {cfg['resume']} at step {st['step']}")
+    if len(ck['per_rank']) != env.world:
+        env.log(f"note: checkpoint written by {len(ck['per_rank'])} ranks, now {env.world}: "
+                f"random and carried state start afresh")
+        return None
+    mine = ck['per_rank'][env.rank]
+    torch.set_rng_state(mine['rng_cpu'])
+    if mine['rng_cuda'] is not None and env.device.type == 'cuda':
+        torch.cuda.set_rng_state(mine['rng_cuda'])
+    return to(mine['states'], env.device) if len(mine['states']) == accum else None
 
 
 def to(tree, device):   # a carried state: None, or tensors in nested lists and tuples

@@ -346,15 +346,15 @@ def relative_error(A, T):
 
 
 def perplexity_with_table(model, io, table, batches, env, cfg=None):
-    """exp(mean NLL) of `model` over batches() (train.evaluate; Transformer-XL's evaluation
-    lengths from cfg, as train.final_eval uses them) with `table` (V, d) installed as io's
+    """exp(mean NLL) of `model` over batches() (evaluation.nll; Transformer-XL's evaluation
+    lengths from cfg, as evaluation.final uses them) with `table` (V, d) installed as io's
     inference cache: only io.embed reads it, the (tied) output layer is untouched.
     table=None: the uncached input path. Leaves the model in eval mode with that cache."""
-    import train
+    import evaluation as E
     model.eval()
     io.cached = None if table is None else table.to(next(io.parameters()).device, torch.float32)
-    with train.eval_lengths(model, cfg) if cfg is not None else nullcontext():
-        return math.exp(train.evaluate(model, batches(), env))
+    with E.eval_lengths(model, cfg) if cfg is not None else nullcontext():
+        return math.exp(E.nll(model, batches(), env))
 
 
 def default_ranks(d):

@@ -23,6 +23,7 @@ import torch
 
 import checkpoint
 import data as D
+import evaluation as E
 import train
 
 
@@ -111,7 +112,7 @@ def sample(model, cfg, env, prompt, args):
     """prompt ids -> num_samples lists of ids (prompt included), the columns of one batch."""
     x = torch.tensor(prompt, device=env.device)[:, None].repeat(1, args.num_samples)   # (T, B)
     out, state = [x], None
-    with env.ctx, train.eval_lengths(model, cfg):
+    with env.ctx, E.eval_lengths(model, cfg):
         for _ in range(args.max_new_tokens):    # the prompt once, then one word at a time
             lp, state = step(model, x, state)
             if args.temperature == 0:
@@ -147,8 +148,8 @@ def score(model, cfg, env, vocab, path, log):
     B = cfg['eval_batch_size'] if len(ids) > cfg['eval_batch_size'] * T else 1
     log(f"scoring {B} stream{'s' * (B > 1)} of {len(ids) // B:,} tokens in windows of {T}")
     batches = D.lm_eval_batches(np.array(ids), B, T)
-    with train.eval_lengths(model, cfg):
-        ppl = float(np.exp(train.evaluate(model, batches, env)))
+    with E.eval_lengths(model, cfg):
+        ppl = float(np.exp(E.nll(model, batches, env)))
     print(f"ppl {ppl:.4f} | tokens {len(ids)} | oov {unknown} | oov rate {unknown / len(ids):.6f}")
     return dict(ppl=ppl, tokens=len(ids), oov=unknown, oov_rate=unknown / len(ids))
 

@@ -13,12 +13,13 @@ Every setting is a key of DEFAULTS below; a preset (config/NAME.py, plain assign
 --config the model's own, DEFAULT_PRESET) overrides them, and the command line overrides both
 (settings.py reads and checks them). The settings that differ from DEFAULTS are printed at
 start; all are stored in every checkpoint, and --resume takes them from there. checkpoint.py
-writes and reads the files (atomically, with one clear line on error).
+writes and reads the files (atomically, with one clear line on error; restore() for --resume),
+evaluation.py measures a model (perplexity, BLEU).
 
-Read top to bottom: settings -> building a model -> optimisation -> resuming -> data and
-evaluation -> train(): set-up, ONE loop for all three models, the final evaluation. Every
-model is called the same way, `loss, state = model(x, y, state)` (state: the LSTM's hidden
-state, Transformer-XL's memory, nothing for translation). fast.py (CUDA graphs, compile) is
+Read top to bottom: settings -> building a model -> optimisation -> data -> train(): set-up,
+ONE loop for all three models, the final evaluation. Every model is called the same way,
+`loss, state = model(x, y, state)` (state: the LSTM's hidden state, Transformer-XL's memory,
+nothing for translation). fast.py (CUDA graphs, compile) is
 imported only with --cuda-graphs (on a GPU) or --compile; the loop is the same either way.
 """
 import json
@@ -27,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import data as D
+import evaluation as E
 import settings
 from define import DeFINE, TokenIO, count_params
 
@@ -264,35 +266,7 @@ class Averager:
         self.avg = s['avg'] and [a.to(p.device) for a, p in zip(s['avg'], self.params)]
 
 
-# ------------------------------------------------------------------------------ resuming
-
-def resume(cfg, env, model, opt, avg, batches, st, accum):
-    """Load --resume's checkpoint into the model, optimizer, averager, batches and training
-    state, and this rank's random state; -> its carried states, or None (start afresh)."""
-    ck = checkpoint.load(cfg['resume'])
-    checkpoint.load_model_state(model, ck, cfg)
-    try:
-        opt.load_state_dict(ck['optimizer'])
-    except ValueError as e:   # e.g. one parameter group, written before unit_lr existed
-        sys.exit(f"error: the optimizer state in {cfg['resume']} does not fit this model's "
-                 f"({e}); it was written by an older train.py. Evaluate it with --eval-only "
-                 f"True, or start the run afresh")
-    avg.load_state_dict(ck['averager'])
-    batches.load_state_dict(ck['batches'])
-    st.update(ck['train'])
-    env.log(f"resumed from {cfg['resume']} at step {st['step']}")
-    if len(ck['per_rank']) != env.world:
-        env.log(f"note: checkpoint written by {len(ck['per_rank'])} ranks, now {env.world}: "
-                f"random and carried state start afresh")
-        return None
-    mine = ck['per_rank'][env.rank]
-    torch.set_rng_state(mine['rng_cpu'])
-    if mine['rng_cuda'] is not None and env.device.type == 'cuda':
-        torch.cuda.set_rng_state(mine['rng_cuda'])
-    return checkpoint.to(mine['states'], env.device) if len(mine['states']) == accum else None
-
-
-# ------------------------------------------------------------------------------ data and evaluation
+# ------------------------------------------------------------------------------ data
 
 def load_corpus(cfg):   # data.LMCorpus, or data.ParallelCorpus for translation
     if cfg['model'] == 'nmt':
@@ -321,65 +295,6 @@ def load_data(cfg, env, accum=1):
     size = dict(valid=cfg['eval_batch_size'], test=cfg['test_batch_size'])
     return corpus, len(corpus.vocab), batches, lambda split: D.lm_eval_batches(
         getattr(corpus, split), size[split], cfg['eval_tgt_len'] or cfg['bptt'], cfg['eval_max_tokens'])
-
-
-@torch.no_grad()
-def evaluate(model, batches, env):
-    """Mean loss per target (in eval mode: the NLL) over (x, y, n_targets) batches, the state
-    carried from one batch to the next."""
-    was_training = model.training
-    model.eval()
-    total, count, state = 0.0, 0, None
-    for x, y, n in batches:
-        with env.ctx:
-            loss, state = model(x.to(env.device), y.to(env.device), state)
-        total, count = total + loss.float() * n, count + n
-    model.train(was_training)
-    return (total / max(count, 1)).item()
-
-
-@contextmanager
-def eval_lengths(model, cfg):
-    """Transformer-XL's evaluation memory (mem_len, clamp_len, same_length), then back."""
-    saved = {k: getattr(model, k) for k in ('mem_len', 'clamp_len', 'same_length') if hasattr(model, k)}
-    for k, v in saved.items():
-        setattr(model, k, v if cfg['eval_' + k] is None else cfg['eval_' + k])
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(model, k, v)
-
-
-def final_eval(cfg, env, model, corpus, eval_batches, step):
-    """Validation and test perplexity (translation: and the BLEU of beam search), logged."""
-    res, t0 = {}, time.time()
-    with eval_lengths(model, cfg):
-        for split in ('valid', 'test'):
-            nll = evaluate(model, eval_batches(split), env)
-            res[f'{split}_ppl'] = math.exp(nll)
-            if getattr(corpus, 'bpe', None):    # per word, comparable with the word-level corpora
-                res[f'{split}_word_ppl'] = math.exp(
-                    nll * len(getattr(corpus, split)) / corpus.words_per_split[split])
-            if cfg['model'] == 'nmt':
-                res[f'{split}_bleu'] = bleu(cfg, env, model, corpus, split)
-    env.log('final | ' + ' | '.join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in res.items())
-            + f' | {time.time() - t0:.1f} s')
-    env.metrics(step=step, final=True, **res)
-    return res
-
-
-def bleu(cfg, env, model, corpus, split):
-    import nmt
-    (src, _), refs = corpus.head(split, cfg['eval_max_tokens'])
-    model.eval()
-    with env.ctx:
-        hyps = model.translate(src, cfg['beam'], cfg['lenpen'], cfg['max_len_b'])
-    score, sig = nmt.bleu([D.detokenize(h, corpus.tgt_vocab) for h in hyps], refs,
-                          tokenize=cfg['bleu_tokenize'])
-    env.log(f"BLEU {split} {score:.2f} on {len(refs)} sentences (sacreBLEU {sig}; against the "
-            f"{cfg['corpus_variant']} reference files as written)")
-    return score
 
 
 # ------------------------------------------------------------------------------ training
@@ -466,7 +381,7 @@ def train(cfg, env):
     states = [None] * accum                     # carried (detached) state per micro-batch
     torch.manual_seed(cfg['seed'] + env.rank)   # dropout masks differ between ranks
     if cfg['resume']:
-        states = resume(cfg, env, model, opt, avg, batches, st, accum) or states
+        states = checkpoint.restore(cfg, env, model, opt, avg, batches, st, accum) or states
     ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == 'cuda' else None) \
         if env.world > 1 else model
     fwd, graphed = ddp, None
@@ -503,8 +418,8 @@ def train(cfg, env):
     def evaluate_and_save():
         st['evaluated'] = st['step']
         avg.swap()                              # NT-ASGD evaluates the averaged weights
-        with eval_lengths(model, cfg):
-            v = evaluate(model, eval_batches('valid'), env)
+        with E.eval_lengths(model, cfg):
+            v = E.nll(model, eval_batches('valid'), env)
         best = v < st['best_val']
         if best and env.master and cfg['save']:
             checkpoint.save(Path(cfg['out_dir']) / 'best.pt', dict(
@@ -607,7 +522,7 @@ def train(cfg, env):
         model.load_state_dict(checkpoint.load(out / 'best.pt')['model'])
     else:
         avg.swap()
-    res = final_eval(cfg, env, model, corpus, eval_batches, st['step'])
+    res = E.final(cfg, env, model, corpus, eval_batches, st['step'])
     env.log(f"wrote {', '.join(str(p) for pat in checkpoint.RUN_FILES for p in sorted(out.glob(pat)))}")
     return res
 
@@ -621,15 +536,6 @@ def check_finite(loss, step, log):
 
 # ------------------------------------------------------------------------------ other entries
 
-def use_embed_cache(model, log):
-    """DeFINE's inference cache: every TokenIO's input path becomes one (V, d) table."""
-    model.eval()
-    for io in {id(m): m for m in model.modules() if isinstance(m, TokenIO)}.values():
-        info = io.cache()
-        log(f"embedding cache: {info['rows']} x {info['width']} table ({info['bytes'] / 2**20:.1f} "
-            f"MiB) replaces {info['input_path_params']} input-path parameters")
-
-
 def trained_model(ck, cfg, env):
     """The model of checkpoint ck (ckpt.pt or best.pt; cfg: its settings) on env.device, in
     eval mode, with DeFINE's cached table if cfg['embed_cache']."""
@@ -637,7 +543,7 @@ def trained_model(ck, cfg, env):
     checkpoint.load_model_state(model, ck, cfg)
     model.to(env.device).eval()
     if cfg['embed_cache']:
-        use_embed_cache(model, env.log)
+        E.use_embed_cache(model, env.log)
     return model
 
 
@@ -645,7 +551,7 @@ def eval_only(cfg, env):
     ck = checkpoint.load(cfg['resume'])
     model = trained_model(ck, cfg, env)
     corpus, _, _, eval_batches = load_data(cfg, env)
-    return final_eval(cfg, env, model, corpus, eval_batches, ck['train']['step'])
+    return E.final(cfg, env, model, corpus, eval_batches, ck['train']['step'])
 
 
 def count_only(cfg):

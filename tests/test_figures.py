@@ -247,12 +247,12 @@ def tiny_txl(embed):
 @pytest.mark.parametrize("embed", ['standard', 'define'])
 def test_compression_end_to_end_on_a_tiny_model(embed):
     import data as D
-    import train
+    import evaluation as E
     model, cfg, env = tiny_txl(embed)
     io = model.io
     tokens = torch.randint(0, 50, (400,))
     batches = lambda: D.lm_eval_batches(tokens, 4, 6)   # noqa: E731
-    full = math.exp(train.evaluate(model, batches(), env))    # the model as built
+    full = math.exp(E.nll(model, batches(), env))    # the model as built
     out_w = io.map.tables[0].detach().clone()
     rows = figures.compression_points(model, io, batches, env, ranks=[1, 4, 16, 99], cfg=cfg)
     got = {r['method']: r for r in rows}
