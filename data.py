@@ -8,7 +8,8 @@ Data for DeFINE: word-level LM corpora (PTB, WikiText-2, WikiText-103) and paral
   subwords (Baevski & Auli's BPE rows), see _build_bpe; corpus.words_per_split turns their per-token
   loss into word-level perplexity.
 - batchify / lm_batch / variable_bptt: the (T, B) stream layout of AWD-LSTM and Transformer-XL.
-- parallel_corpus(name) -> ParallelCorpus; token_batches / collate / detokenize for translation.
+- parallel_corpus(name) -> ParallelCorpus; token_batches / collate / detokenize for translation;
+  bucket_shape: the few fixed shapes of token_batches(bucket=...), for a compiled step.
 - LMBatches / TranslationBatches: training steps for train.py's one loop (next() -> Batch, or
   None at the end of an epoch; state_dict() for exact resumption); lm_eval_batches /
   translation_eval_batches: (x, y, n_targets) for evaluation.
@@ -770,11 +771,14 @@ def parallel_corpus(name, src='en', tgt='de', joint_vocab=False, max_vocab=None,
     return corpus
 
 
-def token_batches(src_lens, tgt_lens, max_tokens, seed=0, epoch=0, rank=0, world_size=1, shuffle=True):
+def token_batches(src_lens, tgt_lens, max_tokens, seed=0, epoch=0, rank=0, world_size=1, shuffle=True,
+                  bucket=0):
     """Sentence indices -> list of index arrays, sentences of similar length together. A batch costs
     n_sent * max(max src len + 1, max tgt len + 2) (the padded size of collate's larger tensor) <= max_tokens;
     a single longer sentence gets a batch of its own. With shuffle, length ties are broken and the batch
-    order shuffled by (seed, epoch). Under DDP rank r takes batches[r::world_size] of an equal-sized prefix."""
+    order shuffled by (seed, epoch). Under DDP rank r takes batches[r::world_size] of an equal-sized prefix.
+    bucket > 0: fixed shapes. A sentence's width is rounded up to a multiple of `bucket`, and a batch holds
+    sentences of one width W only, at most max_tokens // W of them (bucket_shape: what collate pads it to)."""
     src_lens, tgt_lens = np.asarray(src_lens, np.int64), np.asarray(tgt_lens, np.int64)
     if src_lens.shape != tgt_lens.shape or src_lens.ndim != 1 or len(src_lens) == 0:
         raise ValueError(f'src_lens {src_lens.shape} and tgt_lens {tgt_lens.shape} must be equal, non-empty 1-D')
@@ -784,15 +788,22 @@ def token_batches(src_lens, tgt_lens, max_tokens, seed=0, epoch=0, rank=0, world
         raise ValueError(f'rank {rank} is not in [0, world_size {world_size})')
     rng = np.random.default_rng([seed, epoch])
     tie = rng.random(len(src_lens)) if shuffle else np.arange(len(src_lens))
-    order = np.lexsort((tie, src_lens, tgt_lens))  # by tgt len, then src len, then tie
-    batches, start, width = [], 0, 0
-    for j, (s, t) in enumerate(zip((src_lens[order] + 1).tolist(), (tgt_lens[order] + 2).tolist())):
-        w = max(width, s, t)
-        if j > start and (j - start + 1) * w > max_tokens:
-            batches.append(order[start:j])
-            start, w = j, max(s, t)
-        width = w
-    batches.append(order[start:])
+    if bucket:
+        width = _round_up(np.maximum(src_lens + 1, tgt_lens + 2), bucket)
+        order = np.lexsort((tie, width))
+        edges = np.flatnonzero(np.diff(width[order])) + 1   # where the width changes
+        batches = [chunk for group in np.split(order, edges)
+                   for chunk in np.array_split(group, -(-len(group) // max(1, max_tokens // width[group[0]])))]
+    else:
+        order = np.lexsort((tie, src_lens, tgt_lens))  # by tgt len, then src len, then tie
+        batches, start, width = [], 0, 0
+        for j, (s, t) in enumerate(zip((src_lens[order] + 1).tolist(), (tgt_lens[order] + 2).tolist())):
+            w = max(width, s, t)
+            if j > start and (j - start + 1) * w > max_tokens:
+                batches.append(order[start:j])
+                start, w = j, max(s, t)
+            width = w
+        batches.append(order[start:])
     if shuffle:
         batches = [batches[k] for k in rng.permutation(len(batches))]
     n = len(batches) // world_size * world_size  # equal counts, or DDP hangs on the missing step
@@ -801,16 +812,33 @@ def token_batches(src_lens, tgt_lens, max_tokens, seed=0, epoch=0, rank=0, world
     return batches[:n][rank::world_size]
 
 
-def collate(corpus_split, idx, pad=0, bos=2, eos=3):
-    """(src, tgt) sentence lists + indices -> src (B, S) 'w.. </s>', tgt (B, T+2) '<s> w.. </s>', padded LongTensors."""
+def _round_up(x, multiple):
+    return -(-x // multiple) * multiple
+
+
+def bucket_shape(src_lens, tgt_lens, idx, max_tokens, bucket):
+    """The fixed (sentences, width) a batch of token_batches(..., bucket) is padded to."""
+    width = int(_round_up(max(src_lens[idx].max() + 1, tgt_lens[idx].max() + 2), bucket))
+    return max(1, max_tokens // width), width
+
+
+def collate(corpus_split, idx, pad=0, bos=2, eos=3, shape=None):
+    """(src, tgt) sentence lists + indices -> src (B, S) 'w.. </s>', tgt (B, T+2) '<s> w.. </s>', padded LongTensors.
+    shape (B, W): both padded to width W, and to B rows by empty pairs (src '</s>', tgt '<s>'): their targets
+    are all pad, so the loss and its gradient are those of the real pairs alone."""
     srcs, tgts = [corpus_split[0][i] for i in idx], [corpus_split[1][i] for i in idx]
     if not srcs:
         raise ValueError('collate needs at least one sentence index')
-    src = np.full((len(srcs), max(map(len, srcs)) + 1), pad, np.int64)
-    tgt = np.full((len(tgts), max(map(len, tgts)) + 2), pad, np.int64)
+    rows, S, T = len(srcs), max(map(len, srcs)) + 1, max(map(len, tgts)) + 2
+    if shape is not None:
+        if shape[0] < rows or shape[1] < max(S, T):
+            raise ValueError(f'{rows} pairs of widths {S}, {T} do not fit the shape {shape}')
+        rows, S, T = shape[0], shape[1], shape[1]
+    src, tgt = np.full((rows, S), pad, np.int64), np.full((rows, T), pad, np.int64)
+    src[:, 0], tgt[:, 0] = eos, bos              # the empty pairs that fill a shape
     for k, (s, t) in enumerate(zip(srcs, tgts)):
         src[k, :len(s)], src[k, len(s)] = s, eos
-        tgt[k, 0], tgt[k, 1:len(t) + 1], tgt[k, len(t) + 1] = bos, t, eos
+        tgt[k, 1:len(t) + 1], tgt[k, len(t) + 1] = t, eos
     return torch.from_numpy(src), torch.from_numpy(tgt)
 
 
@@ -873,18 +901,19 @@ class LMBatches:
 class TranslationBatches:
     """Translation training steps: the split's token_batches (this rank's share, reshuffled
     every epoch), `accum` of them per step, collated. next() -> Batch, or None once at the
-    end of every epoch."""
+    end of every epoch. bucket > 0: every batch padded to one of a few fixed shapes
+    (token_batches), so that a compiled step compiles once per shape."""
 
-    def __init__(self, split, max_tokens, accum=1, seed=0, rank=0, world_size=1, pad=0):
+    def __init__(self, split, max_tokens, accum=1, seed=0, rank=0, world_size=1, pad=0, bucket=0):
         self.split, self.max_tokens, self.accum, self.pad = split, max_tokens, accum, pad
-        self.lens = _lengths(split)
+        self.lens, self.bucket = _lengths(split), bucket
         self.shard = dict(seed=seed, rank=rank, world_size=world_size)
         self.epoch, self.batch, self._order = 0, 0, None
 
     def _batches(self):                                     # this epoch's, made once
         if self._order is None or self._order[0] != self.epoch:
             self._order = self.epoch, token_batches(*self.lens, self.max_tokens, epoch=self.epoch,
-                                                    **self.shard)
+                                                    bucket=self.bucket, **self.shard)
         return self._order[1]
 
     def next(self):
@@ -892,9 +921,13 @@ class TranslationBatches:
         if self.batch + self.accum > len(batches):
             self.epoch, self.batch = self.epoch + 1, 0
             return None
-        micro = [collate(self.split, b) for b in batches[self.batch:self.batch + self.accum]]
+        step = batches[self.batch:self.batch + self.accum]
         self.batch += self.accum
-        tokens = sum(int((s != self.pad).sum() + (t[:, 1:] != self.pad).sum()) for s, t in micro)
+        micro = [collate(self.split, b, self.pad, shape=bucket_shape(*self.lens, b, self.max_tokens,
+                                                                     self.bucket) if self.bucket else None)
+                 for b in step]
+        # tokens read: each source word and its </s>, each target word and its </s>
+        tokens = sum(int(self.lens[0][b].sum() + self.lens[1][b].sum()) + 2 * len(b) for b in step)
         return Batch(micro, tokens)
 
     @property

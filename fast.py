@@ -2,7 +2,7 @@
 a reader learning the method can skip this file. train.py imports it only with --compile, or
 with --cuda-graphs (the default) on a GPU. What each trick buys is measured in PERF.md.
 
-compiled(module, model, shapes_vary=False)
+compiled(module, model, shapes='fixed')
     torch.compile with inductor options for `model`:
     - where a weight has a side that is not a multiple of 8 (the published Transformer-XL is
       410 wide, 10 heads of 41, FF 2100; vocabularies rarely are), every matmul operand is
@@ -13,8 +13,11 @@ compiled(module, model, shapes_vary=False)
     - reductions of up to 1,024 elements run in one pass over memory even where inductor
       cannot see the row as contiguous (the relative-attention softmax reads its position
       term through the shift);
-    - shapes_vary (translation: the batches change shape every step, so the step compiles
-      with dynamic shapes): inductor's coalescing analysis off, since torch 2.11's fails an
+    - shapes: 'fixed' (the language models: one input shape); 'buckets' (translation batches
+      padded to a few fixed shapes, data.token_batches(bucket=...)): each shape compiles once,
+      static, and the recompile limit (8) is raised so that none falls back to eager; 'vary'
+      (translation without buckets: a new shape most steps): dynamic shapes from the second
+      shape on, with inductor's coalescing analysis off, since torch 2.11's fails an
       assertion there (tiling_utils.get_pw_red_splits).
 graphed_step(model, env, accum, compile_it, shape) -> step(x, y, state) or None
     The forward and backward of a training micro-batch as CUDA graph replays, where that
@@ -38,15 +41,17 @@ import torch
 import torch.distributed as dist
 
 
-def compiled(module, model, shapes_vary=False):
+def compiled(module, model, shapes='fixed'):
     """torch.compile(module) with the options above, chosen by `model`'s weights."""
     import torch._inductor.config as inductor
     options = {'force_shape_pad': any(s % 8 for p in model.parameters() if p.dim() >= 2
                                       for s in p.shape[-2:])}
-    if shapes_vary and hasattr(inductor.triton, 'coalesce_tiling_analysis'):
+    if shapes == 'vary' and hasattr(inductor.triton, 'coalesce_tiling_analysis'):
         options['triton.coalesce_tiling_analysis'] = False
+    if shapes == 'buckets':
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     _one_pass_rows()
-    return torch.compile(module, options=options)
+    return torch.compile(module, options=options, dynamic=False if shapes == 'buckets' else None)
 
 
 def _one_pass_rows():

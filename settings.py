@@ -56,6 +56,8 @@ def load(argv, defaults, choices, default_preset, doc, source):
                     sys.exit(f"error: preset {path.name} sets unknown key {key!r}")
                 cfg[key] = val
     cfg.update(args, config=preset)
+    if cfg['model'] == 'nmt' and cfg['bucket'] is None:   # stored: a resumed run keeps its batches
+        cfg['bucket'] = 8 if cfg['compile'] else 0
     return check(cfg, defaults, choices)
 
 
@@ -91,6 +93,8 @@ def check(cfg, defaults, choices):   # one clear line for a value that would fai
     for key in POSITIVE:
         if cfg[key] is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be a positive whole number")
+    if cfg['bucket'] is not None and not (isinstance(cfg['bucket'], int) and cfg['bucket'] >= 0):
+        sys.exit(f"error: --bucket {cfg['bucket']!r} must be a whole number, 0 (off) or more")
     for key in PROBABILITY:
         if not (isinstance(cfg[key], (int, float)) and 0 <= cfg[key] < 1):
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be at least 0 and below 1")

@@ -96,6 +96,8 @@ DEFAULTS = dict(
     share_embed=False,        # one table for source, target and output (needs joint_vocab)
     enc_layers=6, dec_layers=6, d_ff=2048, label_smoothing=0.1,
     max_tokens=4096,          # tokens per rank per micro-batch
+    bucket=None,              # >0: batches padded to widths of multiples of this, a few fixed
+                              # shapes that compile once each (None: 8 with --compile, else 0)
     batch_tokens=None,        # tokens per optimizer step (None: max_tokens x ranks)
     beam=4, lenpen=0.6, max_len_b=50, bleu_tokenize='none', avg_last=0,
     # --- optimisation
@@ -284,7 +286,7 @@ def load_data(cfg, env, accum=1):
     corpus = load_corpus(cfg)
     if cfg['model'] == 'nmt':
         batches = D.TranslationBatches(corpus.splits['train'], cfg['max_tokens'], accum,
-                                       cfg['seed'], env.rank, env.world)
+                                       cfg['seed'], env.rank, env.world, bucket=cfg['bucket'] or 0)
         return corpus, (len(corpus.src_vocab), len(corpus.tgt_vocab)), batches, \
             lambda split: D.translation_eval_batches(corpus.head(split, cfg['eval_max_tokens'])[0],
                                                      cfg['max_tokens'])
@@ -388,7 +390,8 @@ def train(cfg, env):
     if cfg['compile'] or (cfg['cuda_graphs'] and env.device.type == 'cuda'):
         import fast                             # the optional speed machinery
         if cfg['compile']:
-            fwd = fast.compiled(ddp, model, shapes_vary=cfg['model'] == 'nmt')
+            fwd = fast.compiled(ddp, model, shapes='fixed' if cfg['model'] != 'nmt' else
+                                ('buckets' if cfg['bucket'] else 'vary'))
         if cfg['cuda_graphs']:
             graphed = fast.graphed_step(model, env, accum, cfg['compile'],
                                         (cfg['bptt'], cfg['batch_size'] // env.world // accum))

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import data
-from data import (DataError, batchify, collate, detokenize, lm_batch, lm_corpus, parallel_corpus,
-                  token_batches, variable_bptt)
+from data import (DataError, batchify, bucket_shape, collate, detokenize, lm_batch, lm_corpus,
+                  parallel_corpus, token_batches, variable_bptt)
 
 
 def _forbid_build(monkeypatch):
@@ -286,6 +286,40 @@ def test_token_batches_ddp_disjoint_equal():
         token_batches(src[:3], tgt[:3], 10_000, world_size=2)
 
 
+def test_bucketed_batches_take_few_fixed_shapes_and_every_pair_once():
+    src, tgt = _lens(3000, seed=5)
+    width = (np.maximum(src + 1, tgt + 2) + 7) // 8 * 8          # each pair's width, rounded up
+    b = token_batches(src, tgt, 1000, seed=1, epoch=0, bucket=8)
+    idx = np.concatenate(b)
+    assert len(idx) == len(src) and (np.sort(idx) == np.arange(len(src))).all()
+    shapes = set()
+    for batch in b:
+        W, = set(width[batch].tolist())                          # one width per batch
+        assert len(batch) <= 1000 // W and bucket_shape(src, tgt, batch, 1000, 8) == (1000 // W, W)
+        shapes.add((1000 // W, W))
+    assert len(shapes) == len(set(width.tolist())) == 9           # widths 8 ... 72
+    for W in set(width.tolist()):                                 # as few batches as fit the pairs
+        assert sum(width[x[0]] == W for x in b) == -(-(width == W).sum() // (1000 // W))
+    ranks = [token_batches(src, tgt, 1000, seed=1, epoch=0, bucket=8, rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(b) // 2
+    assert not set(np.concatenate(ranks[0]).tolist()) & set(np.concatenate(ranks[1]).tolist())
+
+
+def test_collate_to_a_shape_pads_with_empty_pairs():
+    split = ([np.array([4, 5], np.int32), np.array([6], np.int32)],
+             [np.array([6], np.int32), np.array([4, 5, 6], np.int32)])
+    src, tgt = collate(split, [0, 1])
+    s, t = collate(split, [0, 1], shape=(3, 8))
+    assert s.shape == t.shape == (3, 8)
+    assert torch.equal(s[:2, :src.shape[1]], src) and not s[:2, src.shape[1]:].any()
+    assert torch.equal(t[:2, :tgt.shape[1]], tgt) and not t[:2, tgt.shape[1]:].any()
+    assert s[2].tolist() == [3] + [0] * 7 and t[2].tolist() == [2] + [0] * 7   # '</s>' -> '<s>'
+    with pytest.raises(ValueError):
+        collate(split, [0, 1], shape=(3, 4))                     # narrower than the pairs
+    with pytest.raises(ValueError):
+        collate(split, [0, 1], shape=(1, 8))                     # fewer rows than pairs
+
+
 def test_collate_and_detokenize():
     vocab = ['<pad>', '<unk>', '<s>', '</s>', 'a', 'b', 'c']
     split = ([np.array([4, 5], np.int32), np.array([6], np.int32), np.array([], np.int32)],
@@ -489,6 +523,22 @@ def test_translation_batches_cover_every_pair_once_and_resume_exactly():
     c = data.TranslationBatches((src, tgt), max_tokens=24, seed=1)
     c.load_state_dict(b.state_dict())
     assert torch.equal(c.next().micro[0][1], steps[1].micro[0][1])
+
+
+def test_bucketed_translation_batches_count_real_tokens_only():
+    rng = np.random.default_rng(0)
+    src = [rng.integers(4, 50, n) for n in rng.integers(1, 20, 200)]
+    tgt = [rng.integers(4, 50, n) for n in rng.integers(1, 20, 200)]
+    plain = data.TranslationBatches((src, tgt), max_tokens=256, seed=3)
+    buck = data.TranslationBatches((src, tgt), max_tokens=256, seed=3, bucket=8)
+    count = lambda bs: sum(b.tokens for b in iter(bs.next, None))   # noqa: E731
+    assert count(buck) == count(plain) == sum(len(s) + len(t) + 2 for s, t in zip(src, tgt))
+    shapes = set()
+    while (b := buck.next()) is not None:
+        (s, t), = b.micro
+        assert s.shape == t.shape and s.shape[1] % 8 == 0 and s.numel() <= 256
+        shapes.add(tuple(s.shape))
+    assert len(shapes) <= 3                                      # widths 8, 16, 24
 
 
 # -----------------------------------------------------------------------------

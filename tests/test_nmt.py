@@ -319,6 +319,26 @@ def test_padding_changes_neither_encoding_nor_decoding(pre_norm):
     assert torch.isfinite(model.hidden(src, tgt)).all()
 
 
+def test_a_batch_padded_to_a_bucket_shape_has_the_same_loss_and_gradients():
+    """data.collate(shape=...) widens a batch and adds empty pairs (for fixed compiled
+    shapes): the label-smoothed training loss and every gradient stay those of the batch."""
+    import data
+    torch.manual_seed(0)
+    model = _model(dropout=0.0, label_smoothing=0.1).double().train()
+    gen = torch.Generator().manual_seed(1)
+    split = tuple([torch.randint(4, 30, (int(n),), generator=gen).numpy()
+                   for n in torch.randint(0, 9, (5,), generator=gen)] for _ in range(2))
+    params = list(model.parameters())
+    grads = []
+    for shape in (None, (8, 16)):
+        src, tgt = data.collate(split, range(5), shape=shape)
+        loss, _ = model(src, tgt)
+        grads.append((loss, torch.autograd.grad(loss, params)))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for a, b in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- it learns
 
 def _reverse_batch(n, gen, V=20):

@@ -448,6 +448,24 @@ def test_nmt_runs_with_every_embedding_and_translates(embed, data_root, cache, t
         assert len(outs[0]) == 2 and outs[1] == outs[0]
 
 
+def test_translation_buckets_follow_compile_and_are_stored(data_root, cache, tmp_path):
+    """Fixed batch shapes (data.token_batches(bucket=...)) by default only for a compiled
+    step; the value is resolved once and stored, so a resumed run keeps its batches."""
+    nmt = ['--model', 'nmt']
+    assert train.get_config(nmt)['bucket'] == 0
+    assert train.get_config(nmt + ['--compile', 'True'])['bucket'] == 8
+    assert train.get_config(nmt + ['--compile', 'True', '--bucket', '4'])['bucket'] == 4
+    assert train.get_config(['--model', 'txl'])['bucket'] is None     # language models: no use
+    with pytest.raises(SystemExit, match="--bucket -1 must be a whole number"):
+        train.get_config(nmt + ['--bucket', '-1'])
+    res, _ = run(TINY_NMT + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                             '--max-iters', '2', '--bucket', '8', '--max-len-b', '2'])
+    assert math.isfinite(res['test_ppl'])
+    ck = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ck['config']['bucket'] == 8
+    assert train.get_config(['--resume', str(tmp_path), '--compile', 'True'])['bucket'] == 8
+
+
 @pytest.mark.parametrize("optimizer", ['sgd', 'adam'])
 def test_unit_lr_scales_only_the_units_parameters(optimizer):
     cfg = train.get_config(TINY_LSTM[:2] + ['--embed', 'define', 'unit_lr=0.1', f'optimizer={optimizer}'])
