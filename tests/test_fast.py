@@ -201,26 +201,33 @@ def test_compiled_equals_eager_on_unaligned_weights():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-@cuda
-def test_compiled_translation_in_buckets_compiles_once_per_shape_and_equals_eager():
-    """Batches padded to a few fixed shapes (data.token_batches(bucket=...)): compiled with
-    shapes='buckets', each shape compiles once (static), and the losses are eager's."""
-    from torch._dynamo.utils import counters
+def _compiled_translation_matches_eager(shapes, sizes):
+    """A small Transformer compiled with fast.compiled(shapes=...) over batches of the given
+    (B, S, T): each loss within bf16 rounding of eager's, and its backward runs."""
     from nmt import Transformer
     torch.manual_seed(0)
     tgt = TokenIO('standard', 120, 32, embed_scale=32 ** 0.5)
     model = Transformer(TokenIO('standard', 100, 32, output=False, embed_scale=32 ** 0.5), tgt,
                         n_layer=2, n_head=4, d_ff=64, dropout=0.0, label_smoothing=0.1).cuda()
-    fwd = fast.compiled(model, model, shapes='buckets')
-    graphs = counters['stats']['unique_graphs']
-    for B, W in [(16, 8), (8, 16), (16, 8), (4, 32), (8, 16), (4, 32)]:
-        src, tgt_ids = _zipf(96, (B, W), seed=W) + 4, _zipf(116, (B, W), seed=W + 1) + 4
+    fwd = fast.compiled(model, model, shapes=shapes)
+    for B, S, T in sizes:
+        src, tgt_ids = _zipf(96, (B, S), seed=S) + 4, _zipf(116, (B, T), seed=T + 1) + 4
         src, tgt_ids = src.cuda(), tgt_ids.cuda()
         tgt_ids[:, 0] = 2
         with torch.autocast('cuda', dtype=torch.bfloat16):
             le, lc = model(src, tgt_ids)[0], fwd(src, tgt_ids)[0]
         lc.backward()
         assert torch.isfinite(lc) and abs(lc.item() - le.item()) < 2e-2 * le.item()
+
+
+@cuda
+def test_compiled_translation_in_buckets_compiles_once_per_shape_and_equals_eager():
+    """Batches padded to a few fixed shapes (data.token_batches(bucket=...)): compiled with
+    shapes='buckets', each shape compiles once (static), and the losses are eager's."""
+    from torch._dynamo.utils import counters
+    graphs = counters['stats']['unique_graphs']
+    _compiled_translation_matches_eager('buckets', [(16, 8, 8), (8, 16, 16), (16, 8, 8), (4, 32, 32),
+                                                    (8, 16, 16), (4, 32, 32)])
     assert counters['stats']['unique_graphs'] - graphs == 3
 
 
@@ -228,17 +235,4 @@ def test_compiled_translation_in_buckets_compiles_once_per_shape_and_equals_eage
 def test_compiled_translation_with_changing_shapes_equals_eager():
     """Translation batches change shape every step: compiled with shapes='vary' (dynamic
     shapes from the second shape on), the losses of eager, bf16 autocast."""
-    from nmt import Transformer
-    torch.manual_seed(0)
-    tgt = TokenIO('standard', 120, 32, embed_scale=32 ** 0.5)
-    model = Transformer(TokenIO('standard', 100, 32, output=False, embed_scale=32 ** 0.5), tgt,
-                        n_layer=2, n_head=4, d_ff=64, dropout=0.0, label_smoothing=0.1).cuda()
-    fwd = fast.compiled(model, model, shapes='vary')
-    for B, S, T in [(8, 11, 13), (6, 17, 9), (10, 7, 21)]:   # static, then dynamic shapes
-        src, tgt_ids = _zipf(96, (B, S), seed=S) + 4, _zipf(116, (B, T), seed=T) + 4
-        src, tgt_ids = src.cuda(), tgt_ids.cuda()
-        tgt_ids[:, 0] = 2
-        with torch.autocast('cuda', dtype=torch.bfloat16):
-            le, lc = model(src, tgt_ids)[0], fwd(src, tgt_ids)[0]
-        lc.backward()
-        assert torch.isfinite(lc) and abs(lc.item() - le.item()) < 2e-2 * le.item()
+    _compiled_translation_matches_eager('vary', [(8, 11, 13), (6, 17, 9), (10, 7, 21)])
