@@ -2,6 +2,12 @@
 
     python plot.py results/wt2_*/ --out results/wt2_txl.png --title "WikiText-2, Transformer-XL"
     python plot.py results/ptb_* --x epoch --out results/ptb_lstm.png
+    python plot.py --final results/wt2_8000/*.log --out results/wt2_rows.png   # one point a row
+
+--final: test perplexity (mean and spread over seeds) against parameters, one point per row,
+from train.py's printed output: NAME_sSEED.log files of one NAME are the seeds of one row.
+Where the corpus is BPE the point is the word-level perplexity (`test word ppl`), so that
+subword and word rows compare.
 
 Each argument is a run folder (or its metrics.jsonl), or a file of train.py's printed output
 (*.log: its `eval | step S | epoch E | valid loss L | ppl P` lines); the legend is the folder
@@ -11,6 +17,8 @@ matplotlib is optional for the project: `pip install matplotlib` if it is missin
 """
 import argparse
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,9 +40,39 @@ def read(path):
     return path.parent.name, [r for r in rows if 'val_ppl' in r and not r.get('final')]
 
 
+def finals(paths):
+    """NAME_sSEED.log files -> {NAME: dict(params=, test=[per seed], word=bool)}, in order."""
+    rows = {}
+    for path in map(Path, paths):
+        text = path.read_text()
+        final = re.search(r'^final \|(.*)$', text, re.M)
+        params = re.search(r'^params .*total=(\d+)', text, re.M)
+        if not (final and params):
+            sys.exit(f"error: {path} has no 'params' or 'final' line: pass logs of finished runs")
+        cells = dict(c.strip().rsplit(' ', 1) for c in final.group(1).split('|') if 'ppl' in c)
+        word = 'test word ppl' in cells
+        row = rows.setdefault(re.sub(r'_s\d+$', '', path.stem),
+                              dict(params=int(params.group(1)), test=[], word=word))
+        row['test'].append(float(cells['test word ppl' if word else 'test ppl']))
+    return rows
+
+
+def plot_finals(ax, rows):
+    for i, (name, r) in enumerate(rows.items()):
+        mean = statistics.mean(r['test'])
+        spread = statistics.stdev(r['test']) if len(r['test']) > 1 else 0.0
+        ax.errorbar(r['params'] / 1e6, mean, yerr=spread, fmt='os^Dv<>p'[i % 8], color=f'C{i % 10}',
+                    capsize=3, ms=5, label=f"{name}{' (per word)' if r['word'] else ''}: "
+                    f"{mean:.2f} ± {spread:.2f} ({len(r['test'])} seeds)")
+    ax.set_xlabel('parameters (millions)')
+    ax.set_ylabel('test perplexity, mean ± standard deviation')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('runs', nargs='+')
+    ap.add_argument('--final', action='store_true',
+                    help='test perplexity against parameters, one point per NAME of NAME_sSEED.log')
     ap.add_argument('--x', default='step', choices=['step', 'epoch'])
     ap.add_argument('--out', default='val_ppl.png')
     ap.add_argument('--title', default='')
@@ -51,6 +89,9 @@ def main():
     except ImportError:
         sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
     fig, ax = plt.subplots(figsize=(7.2, 4.5), dpi=120)
+    if args.final:
+        plot_finals(ax, finals(args.runs))
+        args.runs = []
     styles = [(ls, mk) for ls in ('-', '--', ':') for mk in ('o', 's', '^', 'D')]
     for i, run in enumerate(args.runs):   # a line style and marker each: close curves stay apart
         name, rows = read(run)
@@ -60,15 +101,16 @@ def main():
             last = rows[-1]['val_ppl']
             ax.plot([r[args.x] for r in rows], [r['val_ppl'] for r in rows], ls=ls, marker=mk,
                     ms=3, lw=1.2, label=f'{name} ({last:.1f})', color=f'C{i % 10}')
-    ax.set_xlabel(args.x)
-    ax.set_ylabel('validation perplexity')
+    if not args.final:
+        ax.set_xlabel(args.x)
+        ax.set_ylabel('validation perplexity')
     if args.log_y:
         ax.set_yscale('log')
     if args.ymax:
         ax.set_ylim(top=args.ymax)
     ax.set_title(args.title)
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=7, title='run (last value)', title_fontsize=7)
+    ax.legend(fontsize=7, title='row: test ppl' if args.final else 'run (last value)', title_fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")

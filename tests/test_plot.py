@@ -1,6 +1,8 @@
 """plot.py reads validation curves from metrics.jsonl and from train.py's printed output."""
 import json
 
+import pytest
+
 import plot
 
 
@@ -21,3 +23,20 @@ def test_reads_metrics_and_printed_logs_alike(tmp_path):
     assert (name_a, name_b) == ('run_a', 'run_b')
     assert [(r['step'], r['epoch'], r['val_ppl']) for r in a] == [(20, 1, 150.5), (40, 2, 120.25)]
     assert [(r['step'], r['epoch'], r['val_ppl']) for r in b] == [(20, 1, 150.5), (40, 2, 120.25)]
+
+
+def test_final_points_group_seeds_and_take_word_perplexity_for_bpe(tmp_path):
+    logs = {'std_s1': (13678590, 'final | valid ppl 96.86 | test ppl 92.05 | 10.1 s'),
+            'std_s2': (13678590, 'final | valid ppl 97.00 | test ppl 93.05 | 10.0 s'),
+            'bpe_s1': (9000000, 'final | valid ppl 40.00 | valid word ppl 120.50 | test ppl 38.00 '
+                                '| test word ppl 110.25 | 9.0 s')}
+    for name, (total, final) in logs.items():
+        (tmp_path / f'{name}.log').write_text(f'params define=0 context=1 io=2 total={total}\n'
+                                              f'step 1 | loss 5.0\n{final}\n')
+    rows = plot.finals(sorted(tmp_path.glob('*.log')))
+    assert list(rows) == ['bpe', 'std']
+    assert rows['std'] == dict(params=13678590, test=[92.05, 93.05], word=False)
+    assert rows['bpe'] == dict(params=9000000, test=[110.25], word=True)
+    (tmp_path / 'cut_s1.log').write_text('params define=0 context=1 io=2 total=5\nstep 1 | loss 5.0\n')
+    with pytest.raises(SystemExit, match="no 'params' or 'final' line"):
+        plot.finals([tmp_path / 'cut_s1.log'])
