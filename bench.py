@@ -24,6 +24,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import build
 import fast
 import train
 from define import TokenIO, count_params
@@ -132,7 +133,7 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     V = cfg['vocab_size']
     if cfg['model'] == 'nmt':
         V = tuple(V) if isinstance(V, (list, tuple)) else (V, V)
-    model = train.build_model(cfg, V).to(dev)
+    model = build.model(cfg, V).to(dev)
     opt = train.make_optimizer(cfg, model, fused=dev.type == 'cuda')
     train.set_lr(opt, train.lr_at(cfg, max(cfg['warmup'] - 1, 0), 0))   # the schedule's peak
     ddp = DDP(model, device_ids=[env.local_rank] if dev.type == 'cuda' else None) if world > 1 else model

@@ -230,6 +230,7 @@ def load_lm(path, device='cpu', **override):
     """(model in eval mode, its TokenIO, settings, env) from a train.py checkpoint (ckpt.pt or
     best.pt). `override` replaces settings that do not change the weights (data_dir,
     eval_max_tokens, ...); env is train.setup's (device, autocast, log)."""
+    import build
     import checkpoint
     import train
     ck = checkpoint.load(path)
@@ -237,7 +238,7 @@ def load_lm(path, device='cpu', **override):
     if cfg['model'] == 'nmt':
         sys.exit(f"error: {path} is a translation model; these analyses take language models")
     env = train.setup(cfg)
-    model = train.trained_model(ck, cfg, env)
+    model = build.trained(ck, cfg, env)
     return model, model.io, cfg, env
 
 
@@ -472,11 +473,11 @@ def _pyplot():
 
 def _eval_batches(path, args):
     """A checkpoint's model, TokenIO, settings, env and batches() of the validation split
-    (train.load_data's, capped at --max-tokens targets)."""
-    import train
+    (build.data's, capped at --max-tokens targets)."""
+    import build
     model, io, cfg, env = load_lm(path, args.device, data_dir=args.data_dir,
                                   eval_max_tokens=args.max_tokens)
-    _, vocab, _, eval_batches = train.load_data(cfg, env)
+    _, vocab, _, eval_batches = build.data(cfg, env)
     if vocab != cfg['vocab_size']:
         sys.exit(f"error: {path} was trained on a vocabulary of {cfg['vocab_size']}, the corpus "
                  f"under {args.data_dir} has {vocab}")

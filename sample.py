@@ -7,8 +7,8 @@ best.pt, or the run folder: folder/ckpt.pt) and brings its own settings.
     python sample.py --resume out/ --translate < sentences.en > sentences.de
     python sample.py --resume out/ --translate --keep-tokenized < raw/test_2016_flickr.en > hyp.tok
 
-Text goes to stdout, everything else to stderr. The model is built, loaded and evaluated with
-train.py's own functions; --embed-cache swaps DeFINE's input path for its cached table (the
+Text goes to stdout, everything else to stderr. The model is built, loaded and evaluated as
+train.py does it (build.py, evaluation.py); --embed-cache swaps DeFINE's input path for its cached table (the
 same outputs). Translation reads raw text: it is tokenized as the training corpus was (Moses,
 escaped, lowercased for Multi30k's tok files) and the output detokenized, unless
 --keep-tokenized (the form of the tok reference files, for sacreBLEU with --tokenize none).
@@ -21,6 +21,7 @@ from itertools import islice
 import numpy as np
 import torch
 
+import build
 import checkpoint
 import data as D
 import evaluation as E
@@ -65,7 +66,7 @@ def load(args, log):
     env.log = log                         # stdout holds the text alone
     steps = ck.get('train', {}).get('step', '?')
     log(f"{path}: {cfg['model']}, {cfg['embed']} embeddings, step {steps}")
-    model = train.trained_model(ck, cfg, env)
+    model = build.trained(ck, cfg, env)
     return ck, cfg, env, model
 
 
@@ -76,7 +77,7 @@ def vocabulary(ck, cfg, args, log):
         return ck[key]
     # older LM checkpoints hold none, nor does a translation model's best.pt: rebuild it as
     # training built it (ids sorted by training counts)
-    c = train.load_corpus(dict(cfg, data_dir=args.data_dir or cfg['data_dir'],
+    c = build.corpus(dict(cfg, data_dir=args.data_dir or cfg['data_dir'],
                                cache_dir=args.cache_dir or cfg['cache_dir']))
     if cfg['model'] == 'nmt':
         vocab, want = dict(src=c.src_vocab, tgt=c.tgt_vocab), list(cfg['vocab_size'])

@@ -12,12 +12,13 @@ sample.py uses a trained checkpoint: samples text, scores a file, translates raw
 Every setting is a key of DEFAULTS below; a preset (config/NAME.py, plain assignments; without
 --config the model's own, DEFAULT_PRESET) overrides them, and the command line overrides both
 (settings.py reads and checks them). The settings that differ from DEFAULTS are printed at
-start; all are stored in every checkpoint, and --resume takes them from there. checkpoint.py
-writes and reads the files (atomically, with one clear line on error; restore() for --resume),
-evaluation.py measures a model (perplexity, BLEU).
+start; all are stored in every checkpoint, and --resume takes them from there. build.py turns
+settings into the model and the batches, checkpoint.py writes and reads the files (atomically,
+with one clear line on error; restore() for --resume), evaluation.py measures a model
+(perplexity, BLEU).
 
-Read top to bottom: settings -> building a model -> optimisation -> data -> train(): set-up,
-ONE loop for all three models, the final evaluation. Every model is called the same way,
+Read top to bottom: settings -> optimisation -> train(): set-up, data and model, ONE loop for
+all three models, the final evaluation. Every model is called the same way,
 `loss, state = model(x, y, state)` (state: the LSTM's hidden state, Transformer-XL's memory,
 nothing for translation). fast.py (CUDA graphs, compile) is
 imported only with --cuda-graphs (on a GPU) or --compile; the loop is the same either way.
@@ -36,11 +37,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import build
 import checkpoint
 import data as D
 import evaluation as E
 import settings
-from define import DeFINE, TokenIO, count_params
+from define import DeFINE
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_PRESET = dict(lstm='ptb_awd_lstm', txl='wt2_txl', nmt='multi30k_transformer')
@@ -72,7 +74,7 @@ DEFAULTS = dict(
     unit_lr=1.0,              # the DeFINE unit's learning rate, as a multiple of lr
     dedup=True,               # run DeFINE once per distinct token of a batch
     embed_scale=None,         # multiplies the embedding (None: sqrt(d_model) for Transformers'
-                              # tables, 1 for DeFINE's and the CNN's outputs: see build_io)
+                              # tables, 1 for DeFINE's and the CNN's outputs: build.token_io)
     tied=None,                # output reuses the input tables (None: yes; False: tables of its own)
     out_factor=None,          # untied output's band divisor (None: factor; standard + 4 = ASM)
     # --- language-model batching
@@ -133,71 +135,6 @@ def get_config(argv):
 def checkpoint_config(ck, **override):
     """The settings a checkpoint was written with; those added to DEFAULTS since, at theirs."""
     return settings.from_checkpoint(ck, DEFAULTS, **override)
-
-
-# ------------------------------------------------------------------------------ building
-
-def build_io(cfg, vocab_size, d_model, d_hidden=None, init_std=None, output=True, words=None):
-    e = cfg['embed']
-    # Transformers scale a table lookup by sqrt(d) (its rows start with std ~ d^-1/2 or 0.02);
-    # a DeFINE unit ends in a Reduce of LayerNorm-ed features, already O(1): scaling it too
-    # made it ~16x the position signal and broke bf16 training of the translation model
-    scale = d_model ** 0.5 if cfg['model'] in ('txl', 'nmt') and e not in ('define', 'cnn') else 1.0
-    scale = scale if cfg['embed_scale'] is None else cfg['embed_scale']
-    kw = dict(cutoffs=cfg['cutoffs'], d_hidden=d_hidden, init_std=init_std, embed_scale=scale,
-              factor=None if e == 'standard' else cfg['factor'], output=output)
-    kw.update(tied=cfg['tied'], out_factor=cfg['out_factor'])   # untied outputs (define.TokenIO)
-    if e == 'define':
-        kw.update(n=cfg['n'], k=cfg['k'], m=cfg['m'] or d_model, depth=cfg['depth'],
-                  g_max=cfg['g_max'], variant=cfg['variant'],
-                  unit_dropout=cfg['unit_dropout'], map_dropout=cfg['map_dropout'],
-                  unit_norm=cfg['unit_norm'], dedup=cfg['dedup'])
-    elif e != 'standard':
-        kw.update(n=cfg['n'], words=words)
-    return TokenIO(e, vocab_size, d_model, **kw)
-
-
-def build_model(cfg, vocab, words=None):
-    """vocab: an int, or (src, tgt) sizes for translation; words: the vocabulary's strings
-    (the character CNN reads them)."""
-    if cfg['embed'] == 'cnn' and (cfg['model'] == 'nmt' or words is None):
-        sys.exit("error: --embed cnn needs a language model and its corpus's words (they are "
-                 "read when training and stored in its checkpoints)")
-    if cfg['model'] == 'lstm':
-        from lstm_lm import AWDLSTM
-        d = cfg['d_model'] or cfg['n']
-        n = d if cfg['embed'] == 'standard' or cfg['n'] is None else cfg['n']
-        # the last LSTM layer is as wide as the tied table: n for DeFINE, d otherwise
-        io = build_io(cfg, vocab, d, d_hidden=n if cfg['embed'] == 'define' else d, words=words)
-        return AWDLSTM(io, cfg['lstm_hidden'], cfg['lstm_layers'], cfg['dropout'],
-                       cfg['dropouth'], cfg['dropouti'], cfg['dropoute'], cfg['wdrop'],
-                       cfg['alpha'], cfg['beta'], cfg['rnn_fp32'])
-    if cfg['model'] == 'txl':
-        from txl_lm import TransformerXL
-        io = build_io(cfg, vocab, cfg['d_model'], init_std=0.02, words=words)   # published init
-        return TransformerXL(io, cfg['n_layer'], cfg['n_head'], cfg['d_head'], cfg['d_inner'],
-                             cfg['dropout'], cfg['dropatt'], cfg['mem_len'], cfg['clamp_len'],
-                             cfg['same_length'], cfg['pre_norm'])
-    from nmt import Transformer
-    src_v, tgt_v = vocab
-    if cfg['share_embed'] and src_v != tgt_v:
-        sys.exit("error: --share-embed needs one vocabulary: add --joint-vocab True")
-    if cfg['enc_layers'] != cfg['dec_layers']:
-        sys.exit("error: enc_layers and dec_layers must be equal in this implementation")
-    tgt_io = build_io(cfg, tgt_v, cfg['d_model'])
-    src_io = tgt_io if cfg['share_embed'] else build_io(cfg, src_v, cfg['d_model'], output=False)
-    return Transformer(src_io, tgt_io, cfg['enc_layers'], cfg['n_head'], cfg['d_ff'],
-                       cfg['dropout'], cfg['dropatt'], pre_norm=cfg['pre_norm'],
-                       label_smoothing=cfg['label_smoothing'])
-
-
-def print_params(model, log=print):
-    c = count_params(model)
-    log(f"params define={c['define']} context={c['context']} io={c['io']} total={c['total']}")
-    for name, key in [('DeFINE unit', 'define'), ('context', 'context'), ('input-output', 'io'),
-                      ('total', 'total')]:
-        log(f"  {name:<14}{c[key] / 1e6:>9.2f}M")
-    return c
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -268,37 +205,6 @@ class Averager:
         self.avg = s['avg'] and [a.to(p.device) for a, p in zip(s['avg'], self.params)]
 
 
-# ------------------------------------------------------------------------------ data
-
-def load_corpus(cfg):   # data.LMCorpus, or data.ParallelCorpus for translation
-    if cfg['model'] == 'nmt':
-        return D.parallel_corpus(cfg['dataset'], cfg['src_lang'], cfg['tgt_lang'],
-                                 joint_vocab=cfg['joint_vocab'] or cfg['share_embed'],
-                                 max_vocab=cfg['max_vocab'], variant=cfg['corpus_variant'],
-                                 data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
-    return D.lm_corpus(cfg['dataset'], data_dir=cfg['data_dir'], cache_dir=cfg['cache_dir'])
-
-
-def load_data(cfg, env, accum=1):
-    """-> the corpus, its vocabulary size (translation: source and target), the training
-    steps (data.LMBatches or TranslationBatches), and eval(split) -> batches (x, y,
-    n_targets) of 'valid' or 'test'."""
-    corpus = load_corpus(cfg)
-    if cfg['model'] == 'nmt':
-        batches = D.TranslationBatches(corpus.splits['train'], cfg['max_tokens'], accum,
-                                       cfg['seed'], env.rank, env.world, bucket=cfg['bucket'] or 0)
-        return corpus, (len(corpus.src_vocab), len(corpus.tgt_vocab)), batches, \
-            lambda split: D.translation_eval_batches(corpus.head(split, cfg['eval_max_tokens'])[0],
-                                                     cfg['max_tokens'])
-    train = D.batchify(corpus.train, cfg['batch_size'], env.rank, env.world)    # (T, B/ranks)
-    if env.device.type == 'cuda':   # page-locked: copies of its slices to the GPU run async
-        train = train.pin_memory()
-    batches = D.LMBatches(train, cfg['bptt'], accum, cfg['variable_bptt'], cfg['seed'])
-    size = dict(valid=cfg['eval_batch_size'], test=cfg['test_batch_size'])
-    return corpus, len(corpus.vocab), batches, lambda split: D.lm_eval_batches(
-        getattr(corpus, split), size[split], cfg['eval_tgt_len'] or cfg['bptt'], cfg['eval_max_tokens'])
-
-
 # ------------------------------------------------------------------------------ training
 
 def setup(cfg):
@@ -362,7 +268,7 @@ def train(cfg, env):
     checkpoint.claim_out_dir(cfg, env.master)
     if env.world > 1 and not env.master:
         dist.barrier()
-    corpus, vocab, batches, eval_batches = load_data(cfg, env, accum)
+    corpus, vocab, batches, eval_batches = build.data(cfg, env, accum)
     if env.world > 1 and env.master:
         dist.barrier()
     if cfg['vocab_size'] not in (None, vocab) and cfg['model'] != 'nmt':
@@ -371,11 +277,11 @@ def train(cfg, env):
     cfg['vocab_size'] = vocab
     torch.manual_seed(cfg['seed'])              # the same initial weights on every rank
     words = corpus.vocab if cfg['model'] != 'nmt' else None   # the strings (the character CNN)
-    model = build_model(cfg, vocab, words).to(env.device)
+    model = build.model(cfg, vocab, words).to(env.device)
     # checkpoints carry the vocabulary, so that sample.py needs no corpus
     vocabulary = dict(words=words) if words else dict(vocab=dict(src=corpus.src_vocab,
                                                                  tgt=corpus.tgt_vocab))
-    print_params(model, env.log)
+    build.print_params(model, env.log)
     env.log(f"batch: {batch_note}")
     opt = make_optimizer(cfg, model, fused=env.device.type == 'cuda')
     avg = Averager(model.parameters())
@@ -539,21 +445,10 @@ def check_finite(loss, step, log):
 
 # ------------------------------------------------------------------------------ other entries
 
-def trained_model(ck, cfg, env):
-    """The model of checkpoint ck (ckpt.pt or best.pt; cfg: its settings) on env.device, in
-    eval mode, with DeFINE's cached table if cfg['embed_cache']."""
-    model = build_model(cfg, cfg['vocab_size'], ck.get('words'))
-    checkpoint.load_model_state(model, ck, cfg)
-    model.to(env.device).eval()
-    if cfg['embed_cache']:
-        E.use_embed_cache(model, env.log)
-    return model
-
-
 def eval_only(cfg, env):
     ck = checkpoint.load(cfg['resume'])
-    model = trained_model(ck, cfg, env)
-    corpus, _, _, eval_batches = load_data(cfg, env)
+    model = build.trained(ck, cfg, env)
+    corpus, _, _, eval_batches = build.data(cfg, env)
     return E.final(cfg, env, model, corpus, eval_batches, ck['train']['step'])
 
 
@@ -565,7 +460,7 @@ def count_only(cfg):
         v = (v, v) if isinstance(v, int) else tuple(v)
     torch.manual_seed(cfg['seed'])
     with torch.device('meta'):                  # shapes only: no memory, no time
-        return print_params(build_model(cfg, v))
+        return build.print_params(build.model(cfg, v))
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import build
 import train
 
 
@@ -14,7 +15,7 @@ def test_nmt_matmul_flops_match_torchs_counter(S, T, enc, dec):
                             'd_ff=48', f'enc_layers={enc}', f'dec_layers={dec}', 'dropout=0',
                             'dropatt=0', 'vocab_size=[40,56]'])
     torch.manual_seed(0)
-    model = train.build_model(cfg, (40, 56))
+    model = build.model(cfg, (40, 56))
     B = 3
     src = torch.randint(4, 40, (B, S))          # no padding: every position is counted
     tgt = torch.randint(4, 56, (B, T + 1))      # the decoder reads T of them

@@ -237,11 +237,12 @@ def test_fit_recovers_a_table_made_by_a_define_unit():
 
 
 def tiny_txl(embed):
+    import build
     import train
     cfg = dict(train.DEFAULTS, model='txl', embed=embed, d_model=16, n_layer=1, n_head=2, d_head=8,
                d_inner=32, n=8, k=32, m=16, depth=2, g_max=2, mem_len=6, dropout=0.0, dropatt=0.0,
                cutoffs=[], vocab_size=50, device='cpu')
-    return train.build_model(cfg, 50).eval(), cfg, train.setup(cfg)
+    return build.model(cfg, 50).eval(), cfg, train.setup(cfg)
 
 
 @pytest.mark.parametrize("embed", ['standard', 'define'])

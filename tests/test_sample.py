@@ -1,6 +1,6 @@
 """sample.py on tiny models trained here on the real corpora: seeded sampling, the embedding
 cache, Transformer-XL's memory against full recomputation, scoring a text file against
-train.py's own evaluation, and translating raw text line by line."""
+train.py's evaluation, and translating raw text line by line."""
 import io
 import shutil
 import sys

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import build
 import train
 from conftest import ROOT
 
@@ -469,7 +470,7 @@ def test_translation_buckets_follow_compile_and_are_stored(data_root, cache, tmp
 @pytest.mark.parametrize("optimizer", ['sgd', 'adam'])
 def test_unit_lr_scales_only_the_units_parameters(optimizer):
     cfg = train.get_config(TINY_LSTM[:2] + ['--embed', 'define', 'unit_lr=0.1', f'optimizer={optimizer}'])
-    model = train.build_model(cfg, 50)
+    model = build.model(cfg, 50)
     opt = train.make_optimizer(cfg, model, fused=False)
     train.set_lr(opt, 20.0)
     lr_of = {id(p): g['lr'] for g in opt.param_groups for p in g['params']}
@@ -490,7 +491,7 @@ def test_embed_scale_multiplies_what_enters_the_model(embed, default):
     out = []
     for extra in ([], ['embed_scale=2.5']):
         torch.manual_seed(0)
-        io = train.build_model(train.get_config(args + extra), 50).io.eval()
+        io = build.model(train.get_config(args + extra), 50).io.eval()
         out.append(io.embed(ids))
     assert io.embed_scale == 2.5
     torch.testing.assert_close(out[1], out[0] * (2.5 / default))
@@ -499,7 +500,7 @@ def test_resume_with_a_foreign_optimizer_state_says_what_to_do(data_root, cache,
     args = TINY_LSTM + ['--embed', 'define', '--data-dir', data_root, '--cache-dir', cache,
                         '--out-dir', tmp_path, '--max-iters', '2']
     cfg = train.get_config([str(a) for a in args])
-    model = train.build_model(cfg, 10000)
+    model = build.model(cfg, 10000)
     one_group = torch.optim.SGD(model.parameters(), lr=1.0)   # as before unit_lr
     torch.save(dict(model=model.state_dict(), config=cfg, optimizer=one_group.state_dict()),
                tmp_path / 'old.pt')
