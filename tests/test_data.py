@@ -505,22 +505,24 @@ def test_lm_batches_walk_the_streams_and_resume_exactly():
         assert all(torch.equal(u[0], v[0]) for u, v in zip(got.micro, want.micro))
 
 
-def test_translation_batches_cover_every_pair_once_and_resume_exactly():
+@pytest.mark.parametrize("bucket", [0, 4])
+def test_translation_batches_cover_every_pair_once_and_resume_exactly(bucket):
     lens = [(3, 4), (9, 2), (4, 8), (7, 5), (5, 3), (2, 6), (8, 7), (6, 9)]
     src = [np.full(s, 10 + i) for i, (s, _) in enumerate(lens)]      # sentence i is all 10 + i
     tgt = [np.full(t, 10 + i) for i, (_, t) in enumerate(lens)]
-    a = data.TranslationBatches((src, tgt), max_tokens=24, seed=1)
+    a = data.TranslationBatches((src, tgt), max_tokens=24, seed=1, bucket=bucket)
     seen, steps = [], []
     while (b := a.next()) is not None:
         steps.append(b)
         (s, t), = b.micro
-        assert s.numel() <= 24 and t.numel() <= 24 and torch.equal(s[:, 0], t[:, 1])
-        assert b.tokens == int((s != 0).sum() + (t[:, 1:] != 0).sum())
-        seen += s[:, 0].tolist()
+        real = s[:, 0] != 3                                          # not a filler pair ('</s>')
+        assert s.numel() <= 24 and t.numel() <= 24 and torch.equal(s[real, 0], t[real, 1])
+        assert b.tokens == int((s[real] != 0).sum() + (t[real, 1:] != 0).sum())
+        seen += s[real, 0].tolist()
     assert sorted(seen) == list(range(10, 18)) and a.epoch == 1
-    b = data.TranslationBatches((src, tgt), max_tokens=24, seed=1)
+    b = data.TranslationBatches((src, tgt), max_tokens=24, seed=1, bucket=bucket)
     b.next()
-    c = data.TranslationBatches((src, tgt), max_tokens=24, seed=1)
+    c = data.TranslationBatches((src, tgt), max_tokens=24, seed=1, bucket=bucket)
     c.load_state_dict(b.state_dict())
     assert torch.equal(c.next().micro[0][1], steps[1].micro[0][1])
 
