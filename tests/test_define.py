@@ -622,6 +622,26 @@ def test_asm_wt103_count():
     assert count_params(io)['io'] == want
 
 
+def test_char_cnn_count_is_its_formula():
+    """Baevski & Auli's CNN row at its defaults (char embedding 4, widths 1-7 with 1,408
+    filters, 2 highway layers) over a word list, and its untied adaptive softmax (bands d,
+    d/4, no bias): every weight written out."""
+    words = ['the', 'cat', 'sat', 'on', 'a', 'mat'] * 20
+    words = [w + str(i) for i, w in enumerate(words)]              # 120 distinct words
+    V, d, C = len(words), 32, [40]
+    io = TokenIO('cnn', V, d, cutoffs=C, words=words)
+    chars = len(set(''.join(words))) + 3                            # + pad, begin, end
+    F_ = sum(f for _, f in CharCNN.FILTERS)
+    assert F_ == 1408
+    want = (chars * 4                                               # character embedding
+            + sum(f * 4 * w + f for w, f in CharCNN.FILTERS)        # convolutions
+            + 2 * (F_ * 2 * F_ + 2 * F_)                            # highway: transform, gate
+            + F_ * d + d                                            # projection to d
+            + 40 * d + (V - 40) * (d // 4) + (d // 4) * d          # output tables, tail projection
+            + d * 1)                                                # the cluster logit, no bias
+    assert count_params(io)['io'] == want and count_params(io)['define'] == 0
+
+
 def test_untied_and_cnn_configurations_raise_value_error():
     with pytest.raises(ValueError, match="pass words="):
         TokenIO('cnn', 4, 8)
