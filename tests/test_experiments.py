@@ -1,0 +1,97 @@
+"""experiments/: every job row is a valid train.py command, and run_jobs.py stops runs at its
+budget so that the next call resumes them, skips finished runs, and reports each."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import build
+import train
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / 'experiments'))
+import run_jobs   # noqa: E402
+
+ROWS = [(f.name, name, args) for f in sorted((ROOT / 'experiments').glob('*.txt'))
+        for name, args in run_jobs.read_jobs(f, [1])]
+
+
+@pytest.mark.parametrize('file,name,args', ROWS, ids=[f'{f}:{n}' for f, n, _ in ROWS])
+def test_every_job_row_builds_a_model(file, name, args):
+    cfg = train.get_config(args)
+    v = cfg['vocab_size']
+    with torch.device('meta'):
+        model = build.model(cfg, v, words=[f'w{i}' for i in range(v)])
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# A stand-in for train.py with its contract: a log line per evaluation, ckpt.pt on SIGINT
+# (exit 130), --resume DIR continues from it, 'final | ...' at the last step.
+FAKE = textwrap.dedent('''
+    import signal, sys, time
+    from pathlib import Path
+    a = sys.argv[1:]
+    out = Path(a[a.index('--resume') + 1] if '--resume' in a else a[a.index('--out-dir') + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    step = int((out / 'ckpt.pt').read_text()) if '--resume' in a else 0
+    print('args', ' '.join(a), flush=True)
+    def stop(*_):
+        (out / 'ckpt.pt').write_text(str(step)); print('interrupted at step', step, flush=True)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, stop)
+    while step < 30:
+        time.sleep(0.1); step += 1
+        print(f'eval | step {step} | epoch 0 | valid loss 1 | ppl {100 - step}.00', flush=True)
+    print(f'final | valid ppl 88.00 | test ppl 80.{step:02d}', flush=True)
+''')
+
+
+def test_queue_stops_at_the_budget_resumes_and_skips_finished_runs(tmp_path, capsys):
+    fake = tmp_path / 'fake_train.py'
+    fake.write_text(FAKE)
+    jobs = tmp_path / 'jobs.txt'
+    jobs.write_text('# a comment\nrowa --lr 1\n\nrowb --lr 2\n')
+    runs, logs = tmp_path / 'runs', tmp_path / 'logs'
+    common = ['--seeds', '1,2', '--parallel', '2', '--runs-dir', str(runs), '--logs', str(logs),
+              '--train', str(fake), '--common', '--data-dir somewhere']
+
+    assert run_jobs.main([str(jobs), '--budget', '1.5'] + common) == 0
+    out = capsys.readouterr().out
+    assert '4 to run, 2 at once' in out and 'budget reached' in out
+    for name, state in (('rowa_s1', 'stopped'), ('rowa_s2', 'stopped'), ('rowb_s1', 'waiting')):
+        assert f'{name:<28} {state}' in out
+    first = int((runs / 'rowa_s1' / 'ckpt.pt').read_text())
+    assert 0 < first < 30 and not (runs / 'rowb_s1').exists()
+    log = (runs / 'rowa_s1.log').read_text()
+    assert '--lr 1 --seed 1 --out-dir' in log and '--data-dir somewhere' in log
+
+    assert run_jobs.main([str(jobs)] + common) == 0
+    out = capsys.readouterr().out
+    assert 'start rowa_s1 (resumed)\n' in out and 'start rowb_s1\n' in out
+    for name in ('rowa_s1', 'rowa_s2', 'rowb_s1', 'rowb_s2'):
+        assert f'{name:<28} done' in out
+        assert run_jobs.summary(logs / f'{name}.log') == (30, 88.0, 80.30)
+    log = (runs / 'rowa_s1.log').read_text()      # both calls' output, the second a resume
+    assert f'interrupted at step {first}' in log and f'--resume {runs / "rowa_s1"}' in log
+    assert f'eval | step {first + 1} |' in log[log.index('--resume'):]
+
+    assert run_jobs.main([str(jobs)] + common) == 0
+    assert '4 finished already, 0 to run' in capsys.readouterr().out
+
+
+def test_queue_reports_a_failed_run_and_a_bad_job_file(tmp_path, capsys):
+    jobs = tmp_path / 'jobs.txt'
+    jobs.write_text('bad --lr 1\n')
+    fail = tmp_path / 'fail.py'
+    fail.write_text('import sys; print("error: no such corpus"); sys.exit(1)\n')
+    rc = run_jobs.main([str(jobs), '--seeds', '5', '--runs-dir', str(tmp_path / 'r'),
+                        '--train', str(fail)])
+    assert rc == 1 and 'bad_s5                       exit 1' in capsys.readouterr().out
+    jobs.write_text('no/slash --lr 1\n')
+    with pytest.raises(SystemExit, match='row name'):
+        run_jobs.read_jobs(jobs, [1])
+    r = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'run_jobs.py'), 'missing.txt'],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and 'no job file missing.txt' in r.stderr
