@@ -60,3 +60,28 @@ def test_cpu_preset_seeds_match_their_logs():
     for want, name in zip(quoted.groups(), logs):
         text = (ROOT / 'results' / 'cpu_ptb_txl_seeds' / f'{name}.log').read_text()
         assert re.search(r'^final \| .*test ppl ([\d.]+)', text, re.M).group(1) == want, name
+
+
+CPU_4500 = {   # README row of the longer CPU-preset table -> log name in results/cpu_ptb_txl_4500/
+    '| projective n 64 |': 'projective_n64', '| define, no dropout in the unit (the preset) |': 'define',
+    '| define, dropout 0.1 on the map and in the unit |': 'define_drop'}
+
+
+@pytest.mark.parametrize("label, row", CPU_4500.items())
+def test_cpu_preset_4500_steps_match_their_logs(label, row):
+    """Seeds 1111 / 2 side by side, the training loss their mean of the last five logged values."""
+    line = next((l for l in (ROOT / 'README.md').read_text().splitlines() if l.strip().startswith(label)),
+                None)
+    assert line is not None, f"the README has no row {label!r}"
+    runs = []
+    for seed in (1111, 2):
+        text = (ROOT / 'results' / 'cpu_ptb_txl_4500' / f'{row}_s{seed}.log').read_text()
+        assert "max_iters=4500" in text
+        valid, test = re.search(r'^final \| valid ppl ([\d.]+) \| test ppl ([\d.]+)', text, re.M).groups()
+        total = int(re.search(r'^params .* total=(\d+)', text, re.M).group(1))
+        losses = [float(x) for x in re.findall(r'^step\s+\d+/4500 .*?\| loss ([\d.]+)', text, re.M)]
+        runs.append((valid, test, total, statistics.mean(losses[-5:])))
+    (v1, t1, n1, l1), (v2, t2, n2, l2) = runs
+    assert n1 == n2
+    cells = [c.strip() for c in line.split('|')[2:-1]]
+    assert cells == [f"{n1 / 1e6:.2f}M", f"{v1} / {v2}", f"{t1} / {t2}", f"{(l1 + l2) / 2:.3f}"]
