@@ -40,20 +40,27 @@ def read(path):
     return path.parent.name, [r for r in rows if 'val_ppl' in r and not r.get('final')]
 
 
+def final_values(text):
+    """The perplexities of a log's `final | valid ppl V | test ppl T | ...` line, by name
+    ('valid ppl', 'test ppl'; BPE runs also 'valid word ppl', 'test word ppl'), or None."""
+    final = re.search(r'^final \|(.*)$', text, re.M)
+    return final and {k: float(v) for k, v in (c.strip().rsplit(' ', 1)
+                                                 for c in final.group(1).split('|') if 'ppl' in c)}
+
+
 def finals(paths):
     """NAME_sSEED.log files -> {NAME: dict(params=, test=[per seed], word=bool)}, in order."""
     rows = {}
     for path in map(Path, paths):
         text = path.read_text()
-        final = re.search(r'^final \|(.*)$', text, re.M)
+        cells = final_values(text)
         params = re.search(r'^params .*total=(\d+)', text, re.M)
-        if not (final and params):
+        if not (cells and params):
             sys.exit(f"error: {path} has no 'params' or 'final' line: pass logs of finished runs")
-        cells = dict(c.strip().rsplit(' ', 1) for c in final.group(1).split('|') if 'ppl' in c)
         word = 'test word ppl' in cells
         row = rows.setdefault(re.sub(r'_s\d+$', '', path.stem),
                               dict(params=int(params.group(1)), test=[], word=word))
-        row['test'].append(float(cells['test word ppl' if word else 'test ppl']))
+        row['test'].append(cells['test word ppl' if word else 'test ppl'])
     return rows
 
 

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import plot   # noqa: E402  (train.py's log lines, read as plot.py reads them)
 
 
 def read_jobs(path, seeds):
@@ -39,14 +41,12 @@ def read_jobs(path, seeds):
 
 def summary(log):
     """(last step, last valid ppl, test ppl or None) read from a train.py log."""
-    step = valid = test = None
-    text = log.read_text() if log.exists() else ''
-    for m in re.finditer(r'^eval \| step (\d+) .*?ppl ([\d.]+)', text, re.M):
-        step, valid = int(m[1]), float(m[2])
-    m = re.search(r'^final \| valid ppl ([\d.]+) \| test ppl ([\d.]+)', text, re.M)
-    if m:
-        valid, test = float(m[1]), float(m[2])
-    return step, valid, test
+    if not log.exists():
+        return None, None, None
+    evals = plot.read(log)[1]
+    last = evals[-1] if evals else {}
+    final = plot.final_values(log.read_text()) or {}
+    return last.get('step'), final.get('valid ppl', last.get('val_ppl')), final.get('test ppl')
 
 
 def main(argv=None):
@@ -90,8 +90,8 @@ def main(argv=None):
     while running or (waiting and not stopping):
         while waiting and len(running) < a.parallel and not stopping:
             name, args = waiting.pop(0)
-            ck = runs / name / 'ckpt.pt'
-            cmd = [sys.executable, a.train] + (['--resume', str(runs / name)] if ck.exists() else
+            resume = (runs / name / 'ckpt.pt').exists()
+            cmd = [sys.executable, a.train] + (['--resume', str(runs / name)] if resume else
                                                args + ['--out-dir', str(runs / name), '--overwrite', 'True'])
             cmd += shlex.split(a.common)
             log = open(runs / f'{name}.log', 'a')
@@ -99,7 +99,7 @@ def main(argv=None):
             log.flush()
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                               start_new_session=True), log)
-            print(f'{time.time() - t0:6.0f} s  start {name}' + (' (resumed)' if ck.exists() else ''),
+            print(f'{time.time() - t0:6.0f} s  start {name}' + (' (resumed)' if resume else ''),
                   flush=True)
         time.sleep(0.5)
         if a.budget and time.time() - t0 > a.budget and not stopping:

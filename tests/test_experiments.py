@@ -81,6 +81,15 @@ def test_queue_stops_at_the_budget_resumes_and_skips_finished_runs(tmp_path, cap
     assert '4 finished already, 0 to run' in capsys.readouterr().out
 
 
+def test_a_bpe_runs_final_line_counts_as_finished(tmp_path):
+    log = tmp_path / 'bpe_s1.log'
+    log.write_text('eval | step 8000 | epoch 15 | valid loss 4.1 | ppl 60.34 (best)\n'
+                   'final | valid ppl 60.34 | valid word ppl 140.20 | test ppl 58.10 | '
+                   'test word ppl 131.70 | 5.0 s\n')
+    assert run_jobs.summary(log) == (8000, 60.34, 58.10)
+    assert run_jobs.summary(tmp_path / 'missing.log') == (None, None, None)
+
+
 def test_queue_reports_a_failed_run_and_a_bad_job_file(tmp_path, capsys):
     jobs = tmp_path / 'jobs.txt'
     jobs.write_text('bad --lr 1\n')
