@@ -64,7 +64,14 @@ def test_cpu_preset_seeds_match_their_logs():
 
 CPU_4500 = {   # README row of the longer CPU-preset table -> log name in results/cpu_ptb_txl_4500/
     '| projective n 64 |': 'projective_n64', '| define, no dropout in the unit (the preset) |': 'define',
-    '| define, dropout 0.1 on the map and in the unit |': 'define_drop'}
+    '| define, dropout 0.1 on the map and in the unit |': 'define_drop',
+    # experiments/cpu_ptb_hypotheses.txt: one change each against the preset's unit
+    '| define, the unit at a tenth of the learning rate (`unit_lr=0.1`) |': 'c_ulr',
+    '| define, a plain linear unit (`variant=lt`) |': 'c_lt',
+    "| define, the authors' unit (`variant=define_delight`) |": 'c_delight',
+    '| define, depth 2 (`depth=2`) |': 'c_depth2',
+    '| define, no LayerNorm in the unit (`unit_norm=False`) |': 'c_nonorm',
+    '| define, at most 2 groups (`g_max=2`) |': 'c_g2'}
 
 
 @pytest.mark.parametrize("label, row", CPU_4500.items())
