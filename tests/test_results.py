@@ -84,6 +84,8 @@ def test_cpu_preset_4500_steps_match_their_logs(label, row):
     for seed in (1111, 2):
         text = (ROOT / 'results' / 'cpu_ptb_txl_4500' / f'{row}_s{seed}.log').read_text()
         assert "max_iters=4500" in text
+        change = re.search(r'`([^`]+)`', label)   # the row's one change, on the log's command line
+        assert change is None or f" {change.group(1)} " in text.splitlines()[0], (row, seed)
         valid, test = re.search(r'^final \| valid ppl ([\d.]+) \| test ppl ([\d.]+)', text, re.M).groups()
         total = int(re.search(r'^params .* total=(\d+)', text, re.M).group(1))
         losses = [float(x) for x in re.findall(r'^step\s+\d+/4500 .*?\| loss ([\d.]+)', text, re.M)]
