@@ -19,7 +19,9 @@ ROWS = {   # README row (its start) -> log name in results/wt2_8000/ (ROW_sSEED.
     '| the unit overfits | `map_dropout=0.1 unit_dropout=0.1`': 'h_drop',
     "| the unit's output is too small next to a scaled table's | `embed_scale=16`": 'h_scale',
     '| the tied output, n wide, does not see the unit | `tied=False`': 'h_untied',
-    "| the paper's text misreads the unit | `variant=define_delight`": 'delight128'}
+    "| the paper's text misreads the unit | `variant=define_delight`": 'delight128',
+    '| the groups and the skip add nothing here | `variant=lt`': 'h_lt',
+    '| the depth-3 stack is the wrong shape (as at the CPU preset\'s size) | `depth=2`': 'h_depth2'}
 SEEDS = (1111, 2, 3)
 
 
@@ -71,7 +73,8 @@ CPU_4500 = {   # README row of the longer CPU-preset table -> log name in result
     "| define, the authors' unit (`variant=define_delight`) |": 'c_delight',
     '| define, depth 2 (`depth=2`) |': 'c_depth2',
     '| define, no LayerNorm in the unit (`unit_norm=False`) |': 'c_nonorm',
-    '| define, at most 2 groups (`g_max=2`) |': 'c_g2'}
+    '| define, at most 2 groups (`g_max=2`) |': 'c_g2',
+    "| define, Reduce to 64 instead of the model's 128 (`m=64`) |": 'c_m64'}
 
 
 @pytest.mark.parametrize("label, row", CPU_4500.items())
