@@ -21,7 +21,10 @@ ROWS = {   # README row (its start) -> log name in results/wt2_8000/ (ROW_sSEED.
     '| the tied output, n wide, does not see the unit | `tied=False`': 'h_untied',
     "| the paper's text misreads the unit | `variant=define_delight`": 'delight128',
     '| the groups and the skip add nothing here | `variant=lt`': 'h_lt',
-    '| the depth-3 stack is the wrong shape (as at the CPU preset\'s size) | `depth=2`': 'h_depth2'}
+    '| the depth-3 stack is the wrong shape (as at the CPU preset\'s size) | `depth=2`': 'h_depth2',
+    '| the unit is too wide | `k=512`': 'h_k512',
+    "| Reduce to the model's width carries too much | `m=128`": 'h_m128',
+    '| the unit learns too fast | `unit_lr=0.1`': 'h_ulr'}
 SEEDS = (1111, 2, 3)
 
 
@@ -50,6 +53,11 @@ def test_wt2_table_matches_its_logs(label, row):
             ' / '.join(f"{t:.2f}" for t in test), f"{statistics.mean(loss):.3f}"]
     cells = [c.strip().strip('*') for c in line.split('|')[3:-1]]
     assert cells == want
+    change = re.search(r'`([^`]+)`', label)   # a hypothesis row's one change, on each log's command
+    if change and row != 'h_drop':            # (h_drop is the preset, whose config holds its change)
+        for seed in SEEDS:
+            first = (ROOT / 'results' / 'wt2_8000' / f'{row}_s{seed}.log').read_text().splitlines()[0]
+            assert f" {change.group(1)} " in first, (row, seed)
 
 
 def test_cpu_preset_seeds_match_their_logs():
