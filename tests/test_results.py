@@ -82,7 +82,8 @@ CPU_4500 = {   # README row of the longer CPU-preset table -> log name in result
     '| define, depth 2 (`depth=2`) |': 'c_depth2',
     '| define, no LayerNorm in the unit (`unit_norm=False`) |': 'c_nonorm',
     '| define, at most 2 groups (`g_max=2`) |': 'c_g2',
-    "| define, Reduce to 64 instead of the model's 128 (`m=64`) |": 'c_m64'}
+    "| define, Reduce to 64 instead of the model's 128 (`m=64`) |": 'c_m64',
+    '| define, half as wide (`k=128`) |': 'c_k128'}
 
 
 @pytest.mark.parametrize("label, row", CPU_4500.items())
