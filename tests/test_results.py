@@ -70,6 +70,14 @@ def test_cpu_preset_seeds_match_their_logs():
     for want, name in zip(quoted.groups(), logs):
         text = (ROOT / 'results' / 'cpu_ptb_txl_seeds' / f'{name}.log').read_text()
         assert re.search(r'^final \| .*test ppl ([\d.]+)', text, re.M).group(1) == want, name
+    depth2 = re.search(r'own 1,500 steps depth 2 gives test ([\d.]+) / ([\d.]+) .*?depth 3.s\s+'
+                       r'([\d.]+) / ([\d.]+),', readme, re.S)
+    assert depth2, "the README's depth-2 row at the CPU preset's budget is not where this test looks"
+    logs = ['define_depth2_s1111', 'define_depth2_s2', 'define_s1111', 'define_s2']
+    for want, name in zip(depth2.groups(), logs):
+        text = (ROOT / 'results' / 'cpu_ptb_txl_seeds' / f'{name}.log').read_text()
+        assert re.search(r'^final \| .*test ppl ([\d.]+)', text, re.M).group(1) == want, name
+        assert (' depth=2 ' in text.splitlines()[0]) == ('depth2' in name), name
 
 
 CPU_4500 = {   # README row of the longer CPU-preset table -> log name in results/cpu_ptb_txl_4500/
