@@ -60,21 +60,20 @@ def test_wt2_table_matches_its_logs(label, row):
             assert f" {change.group(1)} " in first, (row, seed)
 
 
-def test_cpu_preset_seeds_match_their_logs():
-    """The README's tie at the CPU preset's size: every test perplexity it quotes is a log's."""
-    readme = (ROOT / 'README.md').read_text()
-    quoted = re.search(r'DeFINE gives test ([\d.]+) / ([\d.]+) and\s+projective n 64 ([\d.]+) / '
-                       r'([\d.]+) \(seeds 1111 / 2', readme)
-    assert quoted, "the README's CPU-preset comparison is not where this test looks"
-    logs = ['define_s1111', 'define_s2', 'projective_n64_s1111', 'projective_n64_s2']
+CPU_1500 = [   # the README's quotes of the CPU preset's own budget -> their logs in cpu_ptb_txl_seeds/
+    (r'DeFINE gives test ([\d.]+) / ([\d.]+) and\s+projective n 64 ([\d.]+) / ([\d.]+) \(seeds 1111 / 2',
+     ['define_s1111', 'define_s2', 'projective_n64_s1111', 'projective_n64_s2']),
+    (r'own 1,500 steps depth 2 gives test ([\d.]+) / ([\d.]+) .*?depth 3.s\s+([\d.]+) / ([\d.]+),',
+     ['define_depth2_s1111', 'define_depth2_s2', 'define_s1111', 'define_s2'])]
+
+
+@pytest.mark.parametrize("pattern, logs", CPU_1500)
+def test_cpu_preset_seeds_match_their_logs(pattern, logs):
+    """The README's runs at the CPU preset's size: every test perplexity it quotes is a log's,
+    and only the depth-2 logs ran with depth=2."""
+    quoted = re.search(pattern, (ROOT / 'README.md').read_text(), re.S)
+    assert quoted, f"the README has no text matching {pattern!r}"
     for want, name in zip(quoted.groups(), logs):
-        text = (ROOT / 'results' / 'cpu_ptb_txl_seeds' / f'{name}.log').read_text()
-        assert re.search(r'^final \| .*test ppl ([\d.]+)', text, re.M).group(1) == want, name
-    depth2 = re.search(r'own 1,500 steps depth 2 gives test ([\d.]+) / ([\d.]+) .*?depth 3.s\s+'
-                       r'([\d.]+) / ([\d.]+),', readme, re.S)
-    assert depth2, "the README's depth-2 row at the CPU preset's budget is not where this test looks"
-    logs = ['define_depth2_s1111', 'define_depth2_s2', 'define_s1111', 'define_s2']
-    for want, name in zip(depth2.groups(), logs):
         text = (ROOT / 'results' / 'cpu_ptb_txl_seeds' / f'{name}.log').read_text()
         assert re.search(r'^final \| .*test ppl ([\d.]+)', text, re.M).group(1) == want, name
         assert (' depth=2 ' in text.splitlines()[0]) == ('depth2' in name), name
