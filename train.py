@@ -481,7 +481,9 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted: checkpoints already written are intact (they are written whole or not at all)")
+    except KeyboardInterrupt:   # outside the loop's own handler (set-up, final evaluation)
+        print("interrupted: checkpoints already written are intact (they are written whole or not "
+              "at all)", file=sys.stderr)
+        sys.exit(130)             # as the loop's: a stopped run, not a failed one
     except (D.DataError, ValueError) as e:     # bad input: the message names the fix
         sys.exit(f"error: {e}")

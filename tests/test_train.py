@@ -327,6 +327,21 @@ def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path):
     assert step >= 3 and f'interrupted at step {step}' in out
 
 
+def test_ctrl_c_outside_the_loop_exits_as_a_stopped_run(data_root, cache, tmp_path):
+    """Ctrl-C during set-up (before the loop's handler) exits 130 too, with one line and no
+    traceback: a job runner tells a stopped run from a failed one by that code."""
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                        '--max-iters', '100000']
+    p = subprocess.Popen([sys.executable, str(ROOT / 'train.py')] + [str(a) for a in args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in p.stdout:                               # set-up has begun
+        if line.startswith('settings:'):
+            break
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130 and 'Traceback' not in out, out
+    assert 'interrupted' in out
+
 def test_averager_is_the_mean_of_the_iterates():
     p = torch.nn.Parameter(torch.zeros(3))
     avg = train.Averager([p])
