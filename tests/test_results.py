@@ -14,6 +14,8 @@ ROWS = {   # README row (its start) -> log name in results/wt2_8000/ (ROW_sSEED.
     '| define (k 1024, m 256, depth 3), no dropout in the unit | 128 |': 'def128',
     "| define, the authors' unit (`variant=define_delight`), no dropout in the unit | 128 |": 'delight128',
     '| define, the preset now: dropout 0.1 on the map and in the unit | 128 |': 'h_drop',
+    '| define (k 1024, m 256, depth 3), no dropout in the unit, on an H100 | 64 |': 'def64',
+    "| define, the authors' unit (`variant=define_delight`), no dropout in the unit, on an H100 | 64 |": 'delight64',
     # the table of hypotheses: why DeFINE trails a projective table
     '| baseline: DeFINE | none |': 'def128',
     '| the unit overfits | `map_dropout=0.1 unit_dropout=0.1`': 'h_drop',
@@ -24,7 +26,9 @@ ROWS = {   # README row (its start) -> log name in results/wt2_8000/ (ROW_sSEED.
     '| the depth-3 stack is the wrong shape (as at the CPU preset\'s size) | `depth=2`': 'h_depth2',
     '| the unit is too wide | `k=512`': 'h_k512',
     "| Reduce to the model's width carries too much | `m=128`": 'h_m128',
-    '| the unit learns too fast | `unit_lr=0.1`': 'h_ulr'}
+    '| the unit learns too fast | `unit_lr=0.1`': 'h_ulr',
+    '| LayerNorm in the unit gets in the way | `unit_norm=False`': 'h_nonorm',
+    '| the hierarchy starts too fine | `g_max=2`': 'h_g2'}
 SEEDS = (1111, 2, 3)
 
 
