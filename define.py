@@ -185,7 +185,9 @@ class DeFINE(nn.Module):
        activation and dropout (the paper: a plain Linear k -> m);
     7. a standard map is scaled by sqrt(n) before the unit (in_scale; the authors skip it for
        an adaptive map: set unit.in_scale = 1. for one).
-    Not followed: their dense ends always have a bias (ours follow `bias`), their Xavier init.
+    Not followed: their dense ends always have a bias (ours follow `bias`), their Xavier init;
+    and with norm=False (which they never use) the map is not scaled: no LayerNorm divides the
+    scale out again, so under SGD it multiplies the map's step's effect on the unit by n.
     """
 
     def __init__(self, n, k, m, depth, g_max=4, variant='define', bias=True, norm=True,
@@ -198,7 +200,10 @@ class DeFINE(nn.Module):
         delight = variant == 'define_delight'
         self.layers = nn.ModuleList(GLTBlock(d_in, d_out, g, bias, norm, act, dropout, delight)
                                     for d_in, d_out, g in self.layers_plan)
-        self.in_scale = math.sqrt(n) if delight else 1.0
+        # without LayerNorm the init keeps the map's scale through the unit instead (PTB at
+        # lr 30: scaled by sqrt(n), the output grew a vector shared by every token within 200
+        # steps, and the LSTM learnt a unigram model)
+        self.in_scale = math.sqrt(n) if delight and norm else 1.0
         k_out = self.layers_plan[-1][1]
         if variant in ('define_noreduce', 'define_delight'):   # delight: its last layer reduces
             self.reduce, self.d_out = nn.Identity(), k_out

@@ -128,13 +128,16 @@ def test_default_unit_is_nonlinear_and_linear_without_norm_and_act():
         torch.set_default_dtype(torch.float)
 
 
+@pytest.mark.parametrize("variant", ['define', 'define_delight'])
 @pytest.mark.parametrize("act", ['gelu', 'relu', None])
-def test_unit_without_norm_keeps_the_token_spread_at_init(act):
+def test_unit_without_norm_keeps_the_token_spread_at_init(act, variant):
     # without LayerNorm the init must carry the table's variation across tokens through all
-    # layers (nn.Linear's range let a depth-7 unit shrink it ~18x: 0.088 -> 0.005 on PTB)
+    # layers (nn.Linear's range let a depth-7 unit shrink it ~18x: 0.088 -> 0.005 on PTB), and
+    # define_delight must not scale the map by sqrt(n) then (11x here; under SGD at lr 30 the
+    # PTB model's unit then collapsed to one vector for every token)
     torch.manual_seed(0)
     e = torch.randn(4096, 128) * 128 ** -0.5               # rows of a table, std n^-1/2
-    unit = DeFINE(128, 1024, 400, 7, g_max=4, norm=False, act=act).eval()
+    unit = DeFINE(128, 1024, 400, 7, g_max=4, variant=variant, norm=False, act=act).eval()
     with torch.no_grad():
         ratio = unit(e).std(0).mean() / e.std(0).mean()
     assert 0.5 < ratio < 2, f"spread across tokens changed {ratio:.3f}x through the unit"
@@ -175,7 +178,9 @@ def test_bad_unit_configurations_raise_value_error(kwargs, match):
 
 def _delight_oracle(unit, e):
     """define_delight written out with the unit's weights: a loop over groups, plain matmuls,
-    LayerNorm and GELU by formula. e: (N, n) float64 -> (N, m)."""
+    LayerNorm (when the unit has it; then the map is scaled by sqrt(n)) and GELU by formula.
+    e: (N, n) float64 -> (N, m)."""
+    norm = isinstance(unit.layers[0].norm, torch.nn.LayerNorm)
     def chunks(v, g):
         c = v.shape[-1] // g
         return [v[:, j * c:(j + 1) * c] for j in range(g)]
@@ -185,13 +190,14 @@ def _delight_oracle(unit, e):
         c, outs = w.shape[2], []
         for j, p in enumerate(pieces):
             y = p @ w[j] + b[j * c:(j + 1) * c]
-            y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(
-                y.var(-1, unbiased=False, keepdim=True) + 1e-5)
-            y = y * block.norm.weight + block.norm.bias  # one (d_out/g,) affine for every group
+            if norm:
+                y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(
+                    y.var(-1, unbiased=False, keepdim=True) + 1e-5)
+                y = y * block.norm.weight + block.norm.bias  # one (d_out/g,) affine for all groups
             outs.append(0.5 * y * (1 + torch.erf(y / 2 ** 0.5)))
         return torch.cat(outs, -1)
 
-    x = layer(unit.layers[0], [e * e.shape[-1] ** 0.5])  # dense input layer, n -> m/2
+    x = layer(unit.layers[0], [e * e.shape[-1] ** 0.5 if norm else e])   # dense input, n -> m/2
     h = layer(unit.layers[1], chunks(x, unit.layers[1].glt.weight.shape[0]))
     for block in unit.layers[2:]:                        # group j: [x_j, h_j]
         g = block.glt.weight.shape[0]
@@ -199,10 +205,11 @@ def _delight_oracle(unit, e):
     return h
 
 
+@pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("n,k,m,depth,g_max", [
     (16, 96, 32, 4, 4), (32, 256, 64, 5, 16), (16, 128, 24, 7, 4), (8, 40, 16, 2, 2)])
-def test_delight_equals_per_group_loop(n, k, m, depth, g_max):
-    unit = DeFINE(n, k, m, depth, g_max, variant='define_delight').double().eval()
+def test_delight_equals_per_group_loop(n, k, m, depth, g_max, norm):
+    unit = DeFINE(n, k, m, depth, g_max, variant='define_delight', norm=norm).double().eval()
     with torch.no_grad():   # zero biases and unit affines at init would hide their mistakes
         for p in unit.parameters():
             p.normal_(0, 0.5)
