@@ -117,3 +117,37 @@ def test_cpu_preset_4500_steps_match_their_logs(label, row):
     assert n1 == n2
     cells = [c.strip() for c in line.split('|')[2:-1]]
     assert cells == [f"{n1 / 1e6:.2f}M", f"{v1} / {v2}", f"{t1} / {t2}", f"{(l1 + l2) / 2:.3f}"]
+
+
+PTB_SEEDS = {'| standard | 24.22M |': 'std', '| define (n 128, k 1024, depth 7, g_max 4) | 23.28M |': 'def'}
+
+
+@pytest.mark.parametrize("label, row", PTB_SEEDS.items())
+def test_ptb_two_seeds_match_their_logs(label, row):
+    """The README's PTB rows of two seeds: each value is its log's validation after epoch 18,
+    and the log's parameter count is the row's."""
+    line = next((l for l in (ROOT / 'README.md').read_text().splitlines()   # the 3-column table
+                 if l.startswith(label) and l.count('|') == 4), None)
+    assert line is not None, f"the README has no row {label!r} in its table of two seeds"
+    got = []
+    for seed in (141, 2):
+        text = (ROOT / 'results' / 'ptb_seeds' / f'{row}_s{seed}.log').read_text()
+        got.append(re.search(r'^eval \| step \d+ \| epoch 18 \| .*?ppl ([\d.]+)', text, re.M).group(1))
+        total = int(re.search(r'^params .* total=(\d+)', text, re.M).group(1))
+        assert f"| {total / 1e6:.2f}M |" in line
+    assert line.endswith(f"| {got[0]} / {got[1]} |"), line
+
+
+def test_ptb_authors_unit_scale_quotes_match_their_logs():
+    """The README's 200-step PTB runs of the authors' unit with the map scaled by sqrt(n) and
+    without, and the text's unit: training loss at step 200 and validation perplexity."""
+    text = re.sub(r'\s+', ' ', (ROOT / 'README.md').read_text())
+    q = re.search(r"the training loss was ([\d.]+) against ([\d.]+) \(the text's unit: ([\d.]+)\) "
+                  r"and the validation perplexity (\d+) against (\d+) \(the text's: (\d+)\)", text)
+    assert q, "the README no longer quotes the 200-step PTB runs"
+    for i, name in enumerate(['delight_scaled', 'delight', 'define']):
+        log = (ROOT / 'results' / 'ptb_delight_scale' / f'{name}.log').read_text()
+        loss = re.search(r'^step\s+200/200 .*?\| loss ([\d.]+)', log, re.M).group(1)
+        valid = float(re.search(r'^final \| valid ppl ([\d.]+)', log, re.M).group(1))
+        assert f"{float(loss):.2f}" == q.group(1 + i) and f"{valid:.0f}" == q.group(4 + i), name
+        assert ('variant=define_delight' in log.splitlines()[0]) == name.startswith('delight')
