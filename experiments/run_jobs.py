@@ -118,12 +118,16 @@ def main(argv=None):
             if (runs / f'{name}.log').exists():
                 shutil.copy(runs / f'{name}.log', Path(a.logs) / f'{name}.log')
     print(f'\n{"run":<28} {"state":<12} {"step":>6} {"valid ppl":>10} {"test ppl":>9}')
+    failed = False
     for name, _ in jobs:
         step, valid, test = summary(runs / f'{name}.log')
         state = 'done' if test is not None else ('stopped' if codes.get(name) == 130 else
                                                  f'exit {codes[name]}' if name in codes else 'waiting')
+        # a run that logged its final test and was then hit by the budget's SIGINT on its way
+        # out (exit -2) is done, not failed
+        failed |= state.startswith('exit')
         print(f'{name:<28} {state:<12} {step or "-":>6} {valid or "-":>10} {test or "-":>9}')
-    return 0 if all(c in (0, 130) for c in codes.values()) else 1
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

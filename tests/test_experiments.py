@@ -98,6 +98,12 @@ def test_queue_reports_a_failed_run_and_a_bad_job_file(tmp_path, capsys):
     rc = run_jobs.main([str(jobs), '--seeds', '5', '--runs-dir', str(tmp_path / 'r'),
                         '--train', str(fail)])
     assert rc == 1 and 'bad_s5                       exit 1' in capsys.readouterr().out
+    late = tmp_path / 'late.py'       # finished, then killed on its way out (the budget's SIGINT)
+    late.write_text('import os, signal; print("final | valid ppl 9.00 | test ppl 8.00", flush=True); '
+                    'os.kill(os.getpid(), signal.SIGKILL)\n')
+    rc = run_jobs.main([str(jobs), '--seeds', '6', '--runs-dir', str(tmp_path / 'r'),
+                        '--train', str(late)])
+    assert rc == 0 and 'bad_s6                       done' in capsys.readouterr().out
     jobs.write_text('no/slash --lr 1\n')
     with pytest.raises(SystemExit, match='row name'):
         run_jobs.read_jobs(jobs, [1])
