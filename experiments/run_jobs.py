@@ -125,7 +125,7 @@ def main(argv=None):
                                                  f'exit {codes[name]}' if name in codes else 'waiting')
         # a run that logged its final test and was then hit by the budget's SIGINT on its way
         # out (exit -2) is done, not failed
-        failed |= state.startswith('exit')
+        failed |= codes.get(name, 0) not in (0, 130) and test is None
         print(f'{name:<28} {state:<12} {step or "-":>6} {valid or "-":>10} {test or "-":>9}')
     return 1 if failed else 0
 
