@@ -151,3 +151,17 @@ def test_ptb_authors_unit_scale_quotes_match_their_logs():
         valid = float(re.search(r'^final \| valid ppl ([\d.]+)', log, re.M).group(1))
         assert f"{float(loss):.2f}" == q.group(1 + i) and f"{valid:.0f}" == q.group(4 + i), name
         assert ('variant=define_delight' in log.splitlines()[0]) == name.startswith('delight')
+
+
+def test_ptb_authors_unit_first_epochs_match_their_logs():
+    """The README's first two PTB epochs of the fixed authors' unit against the text's unit
+    (CPU) and the scaled unit (GPU): each quoted validation perplexity is its log's."""
+    text = re.sub(r'\s+', ' ', (ROOT / 'README.md').read_text())
+    q = re.search(r"it reaches valid ([\d.]+) / ([\d.]+) after epochs 1 / 2 against the text's "
+                  r"unit's ([\d.]+) / ([\d.]+) \(the scaled unit on the GPU: ([\d.]+) / ([\d.]+);", text)
+    assert q, "the README no longer quotes the first PTB epochs of the authors' unit"
+    for i, log in enumerate(['ptb_delight_scale/epochs_delight', 'ptb_delight_scale/epochs_def',
+                             'ptb_seeds/delight_s141']):
+        got = re.findall(r'^eval \| step \d+ \| epoch [12] \| .*?ppl ([\d.]+)',
+                         (ROOT / 'results' / f'{log}.log').read_text(), re.M)
+        assert got == [q.group(2 * i + 1), q.group(2 * i + 2)], log
