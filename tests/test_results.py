@@ -32,13 +32,31 @@ ROWS = {   # README row (its start) -> log name in results/wt2_8000/ (ROW_sSEED.
 SEEDS = (1111, 2, 3)
 
 
+def _readme_row(label, pipes=None, indented=False):
+    """The README table line that starts with `label` (after its indent, for a table inside a
+    bullet), with `pipes` '|' when given (to tell two tables with the same labels apart)."""
+    for l in (ROOT / 'README.md').read_text().splitlines():
+        l = l.strip() if indented else l
+        if l.startswith(label) and (pipes is None or l.count('|') == pipes):
+            return l
+    pytest.fail(f"the README has no row {label!r}")
+
+
+def _readme_prose():   # the README with every run of whitespace one space: quotes across lines
+    return re.sub(r'\s+', ' ', (ROOT / 'README.md').read_text())
+
+
+def _total(log):       # the total parameter count a train.py log printed
+    return int(re.search(r'^params .* total=(\d+)', log, re.M).group(1))
+
+
 def _runs(row):
     out = []
     for seed in SEEDS:
         text = (ROOT / 'results' / 'wt2_8000' / f'{row}_s{seed}.log').read_text()
         valid, test = map(float, re.search(r'^final \| valid ppl ([\d.]+) \| test ppl ([\d.]+)',
                                            text, re.M).groups())
-        total = int(re.search(r'^params .* total=(\d+)', text, re.M).group(1))
+        total = _total(text)
         losses = [float(x) for x in re.findall(r'^step\s+\d+/8000 .*?\| loss ([\d.]+)', text, re.M)]
         out.append((valid, test, total, statistics.mean(losses[-5:])))
     return out
@@ -46,8 +64,7 @@ def _runs(row):
 
 @pytest.mark.parametrize("label, row", ROWS.items())
 def test_wt2_table_matches_its_logs(label, row):
-    line = next((l for l in (ROOT / 'README.md').read_text().splitlines() if l.startswith(label)), None)
-    assert line is not None, f"the README has no row {label!r}"
+    line = _readme_row(label)
     runs = _runs(row)
     valid, test, total, loss = zip(*runs)
     assert len(set(total)) == 1
@@ -100,9 +117,7 @@ CPU_4500 = {   # README row of the longer CPU-preset table -> log name in result
 @pytest.mark.parametrize("label, row", CPU_4500.items())
 def test_cpu_preset_4500_steps_match_their_logs(label, row):
     """Seeds 1111 / 2 side by side, the training loss their mean of the last five logged values."""
-    line = next((l for l in (ROOT / 'README.md').read_text().splitlines() if l.strip().startswith(label)),
-                None)
-    assert line is not None, f"the README has no row {label!r}"
+    line = _readme_row(label, indented=True)
     runs = []
     for seed in (1111, 2):
         text = (ROOT / 'results' / 'cpu_ptb_txl_4500' / f'{row}_s{seed}.log').read_text()
@@ -110,7 +125,7 @@ def test_cpu_preset_4500_steps_match_their_logs(label, row):
         change = re.search(r'`([^`]+)`', label)   # the row's one change, on the log's command line
         assert change is None or f" {change.group(1)} " in text.splitlines()[0], (row, seed)
         valid, test = re.search(r'^final \| valid ppl ([\d.]+) \| test ppl ([\d.]+)', text, re.M).groups()
-        total = int(re.search(r'^params .* total=(\d+)', text, re.M).group(1))
+        total = _total(text)
         losses = [float(x) for x in re.findall(r'^step\s+\d+/4500 .*?\| loss ([\d.]+)', text, re.M)]
         runs.append((valid, test, total, statistics.mean(losses[-5:])))
     (v1, t1, n1, l1), (v2, t2, n2, l2) = runs
@@ -126,22 +141,19 @@ PTB_SEEDS = {'| standard | 24.22M |': 'std', '| define (n 128, k 1024, depth 7, 
 def test_ptb_two_seeds_match_their_logs(label, row):
     """The README's PTB rows of two seeds: each value is its log's validation after epoch 18,
     and the log's parameter count is the row's."""
-    line = next((l for l in (ROOT / 'README.md').read_text().splitlines()   # the 3-column table
-                 if l.startswith(label) and l.count('|') == 4), None)
-    assert line is not None, f"the README has no row {label!r} in its table of two seeds"
+    line = _readme_row(label, pipes=4)   # the 3-column table, not the 68-epoch one
     got = []
     for seed in (141, 2):
         text = (ROOT / 'results' / 'ptb_seeds' / f'{row}_s{seed}.log').read_text()
         got.append(re.search(r'^eval \| step \d+ \| epoch 18 \| .*?ppl ([\d.]+)', text, re.M).group(1))
-        total = int(re.search(r'^params .* total=(\d+)', text, re.M).group(1))
-        assert f"| {total / 1e6:.2f}M |" in line
+        assert f"| {_total(text) / 1e6:.2f}M |" in line
     assert line.endswith(f"| {got[0]} / {got[1]} |"), line
 
 
 def test_ptb_authors_unit_scale_quotes_match_their_logs():
     """The README's 200-step PTB runs of the authors' unit with the map scaled by sqrt(n) and
     without, and the text's unit: training loss at step 200 and validation perplexity."""
-    text = re.sub(r'\s+', ' ', (ROOT / 'README.md').read_text())
+    text = _readme_prose()
     q = re.search(r"the training loss was ([\d.]+) against ([\d.]+) \(the text's unit: ([\d.]+)\) "
                   r"and the validation perplexity (\d+) against (\d+) \(the text's: (\d+)\)", text)
     assert q, "the README no longer quotes the 200-step PTB runs"
@@ -156,7 +168,7 @@ def test_ptb_authors_unit_scale_quotes_match_their_logs():
 def test_ptb_authors_unit_first_epochs_match_their_logs():
     """The README's first two PTB epochs of the fixed authors' unit against the text's unit
     (CPU) and the scaled unit (GPU): each quoted validation perplexity is its log's."""
-    text = re.sub(r'\s+', ' ', (ROOT / 'README.md').read_text())
+    text = _readme_prose()
     q = re.search(r"it reaches valid ([\d.]+) / ([\d.]+) after epochs 1 / 2 against the text's "
                   r"unit's ([\d.]+) / ([\d.]+) \(the scaled unit on the GPU: ([\d.]+) / ([\d.]+);", text)
     assert q, "the README no longer quotes the first PTB epochs of the authors' unit"
