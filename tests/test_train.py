@@ -311,17 +311,23 @@ def test_the_steps_after_the_last_evaluation_are_evaluated_too(data_root, cache,
     assert torch.load(tmp_path / 'best.pt', weights_only=True)['train']['step'] == best
     assert res['valid_ppl'] == pytest.approx(evals[best], rel=1e-9)
 
-def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path):
-    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
-                        '--log-interval', '1', '--max-iters', '100000']
+def _ctrl_c(args, at):
+    """(exit code, output) of train.py ARGS given SIGINT once it prints a line starting `at`."""
     p = subprocess.Popen([sys.executable, str(ROOT / 'train.py')] + [str(a) for a in args],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    for line in p.stdout:                               # wait for training to run
-        if line.startswith('step       3'):
+    for line in p.stdout:
+        if line.startswith(at):
             break
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=120)[0]
-    assert p.returncode == 130, out
+    return p.returncode, out
+
+
+def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path):
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                        '--log-interval', '1', '--max-iters', '100000']
+    code, out = _ctrl_c(args, at='step       3')      # training runs
+    assert code == 130, out
     assert f"{tmp_path / 'ckpt.pt'} written; python train.py --resume {tmp_path}" in out
     step = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['train']['step']
     assert step >= 3 and f'interrupted at step {step}' in out
@@ -332,15 +338,10 @@ def test_ctrl_c_outside_the_loop_exits_as_a_stopped_run(data_root, cache, tmp_pa
     traceback: a job runner tells a stopped run from a failed one by that code."""
     args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
                         '--max-iters', '100000']
-    p = subprocess.Popen([sys.executable, str(ROOT / 'train.py')] + [str(a) for a in args],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    for line in p.stdout:                               # set-up has begun
-        if line.startswith('settings:'):
-            break
-    p.send_signal(signal.SIGINT)
-    out = p.communicate(timeout=120)[0]
-    assert p.returncode == 130 and 'Traceback' not in out, out
+    code, out = _ctrl_c(args, at='settings:')          # set-up has begun
+    assert code == 130 and 'Traceback' not in out, out
     assert 'interrupted' in out
+
 
 def test_averager_is_the_mean_of_the_iterates():
     p = torch.nn.Parameter(torch.zeros(3))
