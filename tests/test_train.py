@@ -311,6 +311,7 @@ def test_the_steps_after_the_last_evaluation_are_evaluated_too(data_root, cache,
     assert torch.load(tmp_path / 'best.pt', weights_only=True)['train']['step'] == best
     assert res['valid_ppl'] == pytest.approx(evals[best], rel=1e-9)
 
+
 def _ctrl_c(args, at):
     """(exit code, output) of train.py ARGS given SIGINT once it prints a line starting `at`."""
     p = subprocess.Popen([sys.executable, str(ROOT / 'train.py')] + [str(a) for a in args],
