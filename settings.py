@@ -105,6 +105,9 @@ def check(cfg, defaults, choices):   # one clear line for a value that would fai
         sys.exit("error: --embed adaptive needs --cutoffs (band edges of the frequency-sorted "
                  "vocabulary, e.g. cutoffs=[4000,20000] on WikiText-2); without them it is "
                  "--embed projective")
+    if cfg['embed'] == 'cnn' and cfg['model'] == 'nmt':   # before any data is fetched
+        sys.exit("error: --embed cnn is for language models (--model lstm or txl): it reads the "
+                 "words of one vocabulary; translation takes another --embed")
     known = data.PARALLEL_CORPORA if cfg['model'] == 'nmt' else data.LM_CORPORA
     if cfg['dataset'] not in known:
         sys.exit(f"error: --dataset {cfg['dataset']!r} unknown for --model {cfg['model']}; "

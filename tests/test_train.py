@@ -111,6 +111,7 @@ def test_help_lists_every_setting(capsys):
     (['--unit-dropout', '1.5'], "--unit-dropout 1.5 must be at least 0 and below 1"),
     (['--dropout', '-0.1'], "--dropout -0.1 must be at least 0"),
     (['--label-smoothing', '1'], "--label-smoothing 1 must be"),
+    (['--model', 'nmt', '--embed', 'cnn', '--data-dir', '/nonexistent'], "cnn is for language models"),
 ])
 def test_bad_settings_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
