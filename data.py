@@ -427,10 +427,27 @@ class LMCorpus:
     def decode(self, ids):
         """ids -> the words they spell ('<eos>' included), for word and BPE corpora alike."""
         toks = [self.vocab[i] for i in (ids.tolist() if hasattr(ids, 'tolist') else ids)]
-        if self.bpe is None:
-            return toks
-        text = ''.join(BPE_MARK + t if t in ('<unk>', '<eos>') else t for t in toks)
-        return text.split(BPE_MARK)[1:]  # (a stream cut mid-word starts with that word's tail: dropped)
+        return toks if self.bpe is None else bpe_words(toks)
+
+
+def bpe_words(subwords):
+    """BPE subwords -> the words they spell: a word starts at each BPE_MARK ('<unk>' and '<eos>' are
+    words of their own). A stream cut mid-word starts with that word's tail: dropped."""
+    text = ''.join(BPE_MARK + t if t in ('<unk>', '<eos>') else t for t in subwords)
+    return text.split(BPE_MARK)[1:]
+
+
+def bpe_encoder(tokenizer_json, vocab):
+    """For new text under a model trained on a BPE corpus (sample.py): -> encode(words) -> each word's
+    subword ids, spelt as the corpus's words are (_build_bpe), in `vocab`'s numbering (the corpus's, by
+    training frequency). tokenizer_json: the corpus's tokenizer.json, as text."""
+    from tokenizers import Tokenizer
+    tok, stoi = Tokenizer.from_str(tokenizer_json), {w: i for i, w in enumerate(vocab)}
+    by_bpe_id = {tok.token_to_id(w): i for w, i in stoi.items()}
+
+    def encode(words):   # -> each word's ids
+        return [[by_bpe_id[i] for i in piece] for piece in _bpe_pieces(tok, words)]
+    return encode
 
     def __repr__(self):
         return (f"LMCorpus('{self.name}': vocab {len(self.vocab):,}; train {len(self.train):,} / "
@@ -499,6 +516,13 @@ def _bpe_tokenizer():
     return tok
 
 
+def _bpe_pieces(tok, words):
+    """words -> each one's list of BPE ids (the tokenizer's numbering: '<unk>' 0, '<eos>' 1). A word with a
+    letter the training text never had is '<unk>' as a whole, the word corpus's fate for an unseen word."""
+    encs = tok.encode_batch([[w] for w in words], is_pretokenized=True, add_special_tokens=False)
+    return [[0] if 0 in enc.ids else enc.ids for enc in encs]
+
+
 def _build_bpe(paths, vocab_size, out, chunk=10_000):
     """Train a BPE of at most vocab_size subwords (the 2 specials and the training text's characters
     included) on the training split, encode the three splits with it (one '<eos>' a line, as the word
@@ -523,15 +547,12 @@ def _build_bpe(paths, vocab_size, out, chunk=10_000):
     bpe_vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     if [w for w, _ in bpe_vocab[:2]] != ['<unk>', '<eos>'] or [i for _, i in bpe_vocab] != list(range(len(bpe_vocab))):
         raise DataError(f'tokenizers {__version__} numbered the BPE vocabulary unexpectedly')
-    unk, eos = 0, 1
+    eos = 1
     pieces = {}  # word -> its subword ids: a BPE never merges across words, so each type is encoded once
 
     def spell(batch):  # lines (lists of words) -> ids, '<eos>' after each
         if new := sorted({w for ws in batch for w in ws if w not in pieces}):
-            encs = tok.encode_batch([[w] for w in new], is_pretokenized=True, add_special_tokens=False)
-            for w, enc in zip(new, encs):
-                # a letter train never had: the whole word is '<unk>', the word corpus's fate for an unseen word
-                pieces[w] = [unk] if unk in enc.ids else enc.ids
+            pieces.update(zip(new, _bpe_pieces(tok, new)))
         out = array('i')
         for ws in batch:
             out.extend(chain.from_iterable(map(pieces.__getitem__, ws)))

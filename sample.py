@@ -71,10 +71,12 @@ def load(args, log):
 
 
 def vocabulary(ck, cfg, args, log):
-    """LMs: id -> word; translation: dict(src=[...], tgt=[...])."""
+    """-> (vocab, bpe). LMs: id -> word (a BPE model's: subword) and, for a BPE corpus, its
+    tokenizer's JSON; translation: dict(src=[...], tgt=[...]) and None."""
     key = 'vocab' if cfg['model'] == 'nmt' else 'words'
-    if ck.get(key) is not None:
-        return ck[key]
+    bpe = cfg['model'] != 'nmt' and 'bpe' in D.LM_CORPORA[cfg['dataset']]
+    if ck.get(key) is not None and (not bpe or ck.get('bpe')):
+        return ck[key], ck.get('bpe')
     # older LM checkpoints hold none, nor does a translation model's best.pt: rebuild it as
     # training built it (ids sorted by training counts)
     c = build.corpus(dict(cfg, data_dir=args.data_dir or cfg['data_dir'],
@@ -89,7 +91,7 @@ def vocabulary(ck, cfg, args, log):
                  f"the model {want}; point --data-dir at the copy it was trained on")
     log(f"vocabulary: {' + '.join(f'{n:,}' for n in size)} words rebuilt from the {cfg['dataset']} "
         f"training split (the checkpoint holds none)")
-    return vocab
+    return vocab, c.bpe.read_text(encoding='utf-8') if bpe else None
 
 
 def to_ids(words, stoi):   # words -> ids and how many were unknown (mapped to <unk>)
@@ -99,6 +101,21 @@ def to_ids(words, stoi):   # words -> ids and how many were unknown (mapped to <
         sys.exit("error: the vocabulary has no '<unk>' for words it does not know: "
                  + ', '.join(w for w in words if w not in stoi)[:200])
     return [stoi.get(w, unk) for w in words], unknown
+
+
+def codec(vocab, bpe):
+    """A language model's -> encode(words) -> (ids, unknown words), decode(ids) -> words: through
+    the vocabulary, or for a BPE model through its subwords (each word spelt as its corpus's)."""
+    stoi = {w: i for i, w in enumerate(vocab)}
+    if bpe is None:
+        return (lambda words: to_ids(words, stoi)), (lambda ids: [vocab[i] for i in ids])
+    spell, unk = D.bpe_encoder(bpe, vocab), stoi['<unk>']
+
+    def encode(words):
+        pieces = spell(words)
+        return ([i for p in pieces for i in p],
+                sum(p == [unk] and w != '<unk>' for w, p in zip(words, pieces)))
+    return encode, lambda ids: D.bpe_words([vocab[i] for i in ids])
 
 
 def step(model, x, state):
@@ -129,16 +146,17 @@ def sample(model, cfg, env, prompt, args):
     return torch.cat(out).t().tolist()
 
 
-def score(model, cfg, env, vocab, path, log):
+def score(model, cfg, env, encode, path, log, bpe=False):
     """Perplexity of a file tokenized as the LM corpora are (whitespace, '<eos>' per line), in
-    windows carrying the state like train.py's evaluation, with its eval batch size."""
-    stoi, ids, unknown = {w: i for i, w in enumerate(vocab)}, [], 0
+    windows carrying the state like train.py's evaluation, with its eval batch size; a BPE
+    model's per subword and per word (as train.py reports it)."""
+    ids, unknown, words = [], 0, 0
     try:
         with open(path, encoding='utf-8') as f:    # universal newlines, as data.py reads
             for line in f:
-                line_ids, n = to_ids(line.split() + ['<eos>'], stoi)
+                line_ids, n = encode(line.split() + ['<eos>'])
                 ids += line_ids
-                unknown += n
+                unknown, words = unknown + n, words + len(line.split()) + 1
     except (OSError, UnicodeDecodeError) as e:
         sys.exit(f"error: cannot read --eval-file {path}: {e}")
     if len(ids) < 2:
@@ -150,9 +168,13 @@ def score(model, cfg, env, vocab, path, log):
     log(f"scoring {B} stream{'s' * (B > 1)} of {len(ids) // B:,} tokens in windows of {T}")
     batches = D.lm_eval_batches(np.array(ids), B, T)
     with E.eval_lengths(model, cfg):
-        ppl = float(np.exp(E.nll(model, batches, env)))
-    print(f"ppl {ppl:.4f} | tokens {len(ids)} | oov {unknown} | oov rate {unknown / len(ids):.6f}")
-    return dict(ppl=ppl, tokens=len(ids), oov=unknown, oov_rate=unknown / len(ids))
+        nll = E.nll(model, batches, env)
+    res = dict(ppl=float(np.exp(nll)), tokens=len(ids), oov=unknown, oov_rate=unknown / words)
+    if bpe:       # comparable with a word-level model's: the NLL of the file over its words
+        res.update(word_ppl=float(np.exp(nll * len(ids) / words)), words=words)
+    print(f"ppl {res['ppl']:.4f} | tokens {len(ids)} | oov {unknown} | oov rate {unknown / words:.6f}"
+          + (f" | word ppl {res['word_ppl']:.4f} | words {words}" if bpe else ''))
+    return res
 
 
 def tokenizers(cfg, src_vocab, keep_tokenized=False):
@@ -219,18 +241,20 @@ def main(argv=None):
         sys.exit(f"error: {cfg['resume']} holds {kind} model: " + (
             "translate with --translate (sentences on stdin)" if cfg['model'] == 'nmt' else
             "--translate is for translation models; sample, or score with --eval-file"))
-    vocab = vocabulary(ck, cfg, args, log)
+    vocab, bpe = vocabulary(ck, cfg, args, log)
     if args.translate:
         return translate(model, cfg, env, vocab, args, log)
+    encode, decode = codec(vocab, bpe)
     if args.eval_file:
-        return score(model, cfg, env, vocab, args.eval_file, log)
+        return score(model, cfg, env, encode, args.eval_file, log, bpe=bpe is not None)
     # a prompt starts where a line of the corpus starts: after an '<eos>'
-    prompt, unknown = to_ids(['<eos>'] + args.start.split(), {w: i for i, w in enumerate(vocab)})
+    words = args.start.split()
+    prompt, unknown = encode(['<eos>'] + words)
     if unknown:
-        log(f"{unknown} of {len(prompt) - 1} prompt words not in the vocabulary: read as <unk>")
-    eos, texts = vocab.index('<eos>'), []
+        log(f"{unknown} of {len(words)} prompt words not in the vocabulary: read as <unk>")
+    texts = []
     for ids in sample(model, cfg, env, prompt, args):
-        words = ' '.join('\n' if i == eos else vocab[i] for i in ids[1:])
+        words = ' '.join('\n' if w == '<eos>' else w for w in decode(ids)[1:])
         texts.append(re.sub(r' ?\n ?', '\n', words))     # '<eos>' ends a line, as in the corpus
         print(texts[-1], '---------------', sep='\n', flush=True)
     return texts

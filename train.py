@@ -278,9 +278,9 @@ def train(cfg, env):
     torch.manual_seed(cfg['seed'])              # the same initial weights on every rank
     words = corpus.vocab if cfg['model'] != 'nmt' else None   # the strings (the character CNN)
     model = build.model(cfg, vocab, words).to(env.device)
-    # checkpoints carry the vocabulary, so that sample.py needs no corpus
-    vocabulary = dict(words=words) if words else dict(vocab=dict(src=corpus.src_vocab,
-                                                                 tgt=corpus.tgt_vocab))
+    # checkpoints carry the vocabulary (and a BPE corpus's tokenizer), so that sample.py needs no corpus
+    vocabulary = dict(words=words, bpe=corpus.bpe and corpus.bpe.read_text(encoding='utf-8')) if words \
+        else dict(vocab=dict(src=corpus.src_vocab, tgt=corpus.tgt_vocab))
     build.print_params(model, env.log)
     env.log(f"batch: {batch_note}")
     opt = make_optimizer(cfg, model, fused=env.device.type == 'cuda')

@@ -77,6 +77,20 @@ def test_bpe_spells_the_word_corpus_back(tmp_path, monkeypatch):
     assert word.words_per_split == {s: len(getattr(word, s)) for s in SPLITS}  # word corpora: ratio 1
 
 
+def test_bpe_encoder_spells_new_text_as_the_corpus_spells_its_own(tmp_path, monkeypatch):
+    """sample.py's encoding of text a model has not seen: from the tokenizer alone, each split's
+    words give the corpus's ids (built by _build_bpe, independently) and decode back to them."""
+    d, kw = _corpus_files(tmp_path, monkeypatch)
+    c = lm_corpus('wikitext-2-bpe', bpe_vocab=120, **kw)
+    encode = data.bpe_encoder(c.bpe.read_text(encoding='utf-8'), c.vocab)
+    for split in SPLITS:
+        words = _words(_TEXTS[split])
+        pieces = encode(words)
+        assert [i for p in pieces for i in p] == getattr(c, split).tolist(), split
+        assert data.bpe_words([c.vocab[i] for p in pieces for i in p]) == c.decode(getattr(c, split))
+    assert encode(['Ωmega', '<unk>', '<eos>']) == [[c.stoi['<unk>']], [c.stoi['<unk>']], [c.stoi['<eos>']]]
+
+
 def test_bpe_with_every_word_one_subword_is_the_word_corpus(tmp_path, monkeypatch):
     """A BPE vocabulary large enough to keep every training word whole: the same token stream
     as the word corpus (renumbered), so its word-level perplexity formula has ratio 1."""

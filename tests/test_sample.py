@@ -30,6 +30,7 @@ TINY = dict(
          '--n-head', '2', '--d-ff', '64', '--enc-layers', '1', '--dec-layers', '1', '--n', '16', '--k', '64',
          '--m', '32', '--max-tokens', '600', '--eval-max-tokens', '50', '--max-len-b', '5',
          '--max-iters', '2'])
+TINY['bpe'] = TINY['txl'] + ['--dataset', 'ptb-bpe']   # the same model over PTB's 8K subwords
 
 
 @pytest.fixture(scope='module')
@@ -130,6 +131,26 @@ def test_eval_file_of_the_valid_split_equals_train_eval_only(trained, capsys, tm
     assert res['ppl'] == pytest.approx(ref['valid_ppl'], rel=1e-4)
 
 
+def test_a_bpe_model_reads_and_writes_words(trained, capsys, tmp_path):
+    # a file and a prompt are words, spelt in subwords as the model's corpus was (the file's
+    # perplexity per subword and per word as train.py evaluates the valid split); samples are
+    # printed as words
+    shutil.copy(shared_data_dir() / 'ptb' / 'valid.txt', tmp_path / 'copy.txt')
+    res, out, _ = run(['--resume', trained('bpe'), '--eval-file', tmp_path / 'copy.txt'], capsys)
+    ref = train.main([str(a) for a in ['--eval-only', 'True', '--resume', trained('bpe') / 'ckpt.pt',
+                                       '--eval-max-tokens', 'None', '--save', 'False',
+                                       '--out-dir', tmp_path / 'eval']])
+    assert res['oov'] == 0 and res['words'] == 73760 and res['tokens'] > 73760
+    assert res['ppl'] == pytest.approx(ref['valid_ppl'], rel=1e-4)
+    assert res['word_ppl'] == pytest.approx(ref['valid_word_ppl'], rel=1e-4)
+    assert out.endswith(f" | word ppl {res['word_ppl']:.4f} | words 73760\n")
+    texts, out, err = run(['--resume', trained('bpe'), '--start', 'the meaning of',
+                           '--max-new-tokens', '30', '--temperature', '1.0'], capsys)
+    assert 'not in the vocabulary' not in err
+    # (the next subword may go on with 'of': an untrained model's word, but a word)
+    assert texts[0].startswith('the meaning of') and '\u2581' not in out
+
+
 # ------------------------------------------------------------------ translation
 
 def test_translation_tokenizes_raw_text_and_detokenizes_its_output(trained, capsys, monkeypatch):
@@ -182,7 +203,7 @@ def test_a_mode_the_model_has_not_is_one_error_line(trained, capsys):
         run(['--resume', trained('lstm') / 'missing.pt'], capsys)
 
 
-@pytest.mark.parametrize('kind', ['lstm', 'nmt'])
+@pytest.mark.parametrize('kind', ['lstm', 'nmt', 'bpe'])
 def test_a_checkpoint_without_a_vocabulary_rebuilds_it(kind, trained, capsys, monkeypatch, tmp_path):
     # older LM checkpoints hold no words, and a translation model's best.pt no vocab: the
     # corpus gives the same vocabulary back
@@ -193,5 +214,5 @@ def test_a_checkpoint_without_a_vocabulary_rebuilds_it(kind, trained, capsys, mo
     _, want, _ = run(['--resume', trained(kind), *argv], capsys, text, monkeypatch)
     _, got, err = run(['--resume', tmp_path / 'best.pt', *argv], capsys, text, monkeypatch)
     assert got == want and len(want.split()) > 5
-    sizes = '10,214 + 18,726' if kind == 'nmt' else '10,000'
+    sizes = {'nmt': '10,214 + 18,726', 'lstm': '10,000', 'bpe': '8,000'}[kind]
     assert f"vocabulary: {sizes} words rebuilt from the {ck['config']['dataset']} training" in err
