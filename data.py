@@ -429,6 +429,10 @@ class LMCorpus:
         toks = [self.vocab[i] for i in (ids.tolist() if hasattr(ids, 'tolist') else ids)]
         return toks if self.bpe is None else bpe_words(toks)
 
+    def __repr__(self):
+        return (f"LMCorpus('{self.name}': vocab {len(self.vocab):,}; train {len(self.train):,} / "
+                f"valid {len(self.valid):,} / test {len(self.test):,} tokens)")
+
 
 def bpe_words(subwords):
     """BPE subwords -> the words they spell: a word starts at each BPE_MARK ('<unk>' and '<eos>' are
@@ -448,10 +452,6 @@ def bpe_encoder(tokenizer_json, vocab):
     def encode(words):   # -> each word's ids
         return [[by_bpe_id[i] for i in piece] for piece in _bpe_pieces(tok, words)]
     return encode
-
-    def __repr__(self):
-        return (f"LMCorpus('{self.name}': vocab {len(self.vocab):,}; train {len(self.train):,} / "
-                f"valid {len(self.valid):,} / test {len(self.test):,} tokens)")
 
 
 def _spec(table, name):
