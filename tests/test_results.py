@@ -2,6 +2,7 @@
 per-seed value and parameter count of the WikiText-2 table is recomputed from the runs'
 printed output, so that the README cannot drift from what was measured."""
 import re
+import shlex
 import statistics
 
 import pytest
@@ -177,3 +178,70 @@ def test_ptb_authors_unit_first_epochs_match_their_logs():
         got = re.findall(r'^eval \| step \d+ \| epoch [12] \| .*?ppl ([\d.]+)',
                          (ROOT / 'results' / f'{log}.log').read_text(), re.M)
         assert got == [q.group(2 * i + 1), q.group(2 * i + 2)], log
+
+
+IO_ROWS = {   # README row of Baevski & Auli's rows at the CPU preset's size -> its logs in results/
+    '| SM |': 'cpu_ptb_io/c_sm', '| SM-T |': 'cpu_ptb_io/c_sm_t', '| ASM |': 'cpu_ptb_io/c_asm',
+    '| CNN |': 'cpu_ptb_io/c_cnn', '| ADP |': 'cpu_ptb_io/c_adp', '| ADP-T |': 'cpu_ptb_io/c_adp_t',
+    '| BPE |': 'cpu_ptb_io/c_bpe', '| BPE-T |': 'cpu_ptb_io/c_bpe_t',
+    '| projective n 64 |': 'cpu_ptb_txl_seeds/projective_n64', '| DeFINE n 64 |': 'cpu_ptb_txl_seeds/define',
+    '| DeFINE n 64 over an adaptive map |': 'cpu_ptb_io/c_adpdef'}
+
+
+@pytest.mark.parametrize("label, logs", IO_ROWS.items())
+def test_cpu_io_rows_match_their_logs(label, logs):
+    """Seeds 1111 / 2 of each row: parameters, valid and test perplexity (per word where the
+    corpus is BPE: only those rows' logs have word perplexities), the mean of the two tests;
+    each log ran its job row's arguments (experiments/cpu_ptb_io_rows.txt)."""
+    import plot
+    line = _readme_row(label, pipes=8)
+    jobs = dict(l.split(None, 1) for l in (ROOT / 'experiments' / 'cpu_ptb_io_rows.txt').read_text()
+                .splitlines() if l.strip() and not l.startswith('#'))
+    runs = []
+    for seed in (1111, 2):
+        text = (ROOT / 'results' / f'{logs}_s{seed}.log').read_text()
+        final = plot.final_values(text)
+        word = ' word' if 'test word ppl' in final else ''
+        assert bool(word) == ('BPE' in label)
+        name = logs.split('/')[1]
+        if name in jobs:
+            assert f" {shlex.join(shlex.split(jobs[name]))} --seed {seed} " in text.splitlines()[0], (name, seed)
+        assert 'max_iters=1500' in text
+        runs.append((final[f'valid{word} ppl'], final[f'test{word} ppl'], _total(text)))
+    (v1, t1, n1), (v2, t2, n2) = runs
+    assert n1 == n2
+    cells = [c.strip() for c in line.split('|')[4:-1]]
+    assert cells == [f"{n1 / 1e6:.2f}M", f"{v1:.2f} / {v2:.2f}", f"{t1:.2f} / {t2:.2f}", f"{(t1 + t2) / 2:.2f}"]
+
+
+def test_cpu_io_prose_quotes_the_table():
+    """Each 'ROW d behind ROW' of the section's prose is the difference of the two rows' means."""
+    text = _readme_prose()
+    start = text.index("### Baevski & Auli's input and output layers, at the CPU preset's size")
+    section = text[start:text.index('## ', start + 4)]
+    quotes = re.findall(r'\b([A-Z][A-Z-]*[A-Z]) ([\d.]+) behind ([A-Z][A-Z-]*[A-Z])\b', section)
+    assert len(quotes) == 7, quotes
+    mean = {l: float(_readme_row(f'| {l} |', pipes=8).split('|')[-2]) for q in quotes for l in (q[0], q[2])}
+    for a, d, b in quotes:
+        assert f"{mean[a] - mean[b]:.1f}" == d, (a, d, b)
+
+
+def test_cpu_tying_quotes_match_their_logs():
+    """The tying gap at 4,500 steps (valid gap at each evaluation, final tests) and the tied
+    model without the input scale: each quoted number is its log's."""
+    text = _readme_prose()
+    q = re.search(r"the validation gap between SM-T and SM shrinks from ([\d.]+) at step 750 to "
+                  r"([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+) and ([\d.]+) at step 4,500 \(test ([\d.]+) "
+                  r"against ([\d.]+)\)", text)
+    assert q, "the README no longer quotes the 4,500-step tying runs"
+    logs = {n: (ROOT / 'results' / 'cpu_ptb_txl_4500' / f'{n}_s1111.log').read_text() for n in ('sm', 'sm_t')}
+    assert (' tied=False ' in logs['sm'].splitlines()[0]) and 'tied' not in logs['sm_t'].splitlines()[0]
+    valid = {n: [float(v) for v in re.findall(r'^eval \| .*?ppl ([\d.]+)', t, re.M)] for n, t in logs.items()}
+    assert [f"{a - b:.2f}" for a, b in zip(valid['sm_t'], valid['sm'])] == list(q.groups()[:6])
+    tests = [re.search(r'^final \| .*test ppl ([\d.]+)', logs[n], re.M).group(1) for n in ('sm_t', 'sm')]
+    assert tests == list(q.groups()[6:])
+    q = re.search(r"\(`embed_scale=1`\) the tied model ends worse, test ([\d.]+) against ([\d.]+)", text)
+    for want, name in zip(q.groups(), ['sm_t_scale1_s1111', 'c_sm_t_s1111']):
+        log = (ROOT / 'results' / 'cpu_ptb_io' / f'{name}.log').read_text()
+        assert re.search(r'^final \| .*test ppl ([\d.]+)', log, re.M).group(1) == want, name
+        assert ('embed_scale=1.0' in log.splitlines()[0]) == ('scale1' in name)
