@@ -254,8 +254,8 @@ def main(argv=None):
         log(f"{unknown} of {len(words)} prompt words not in the vocabulary: read as <unk>")
     texts = []
     for ids in sample(model, cfg, env, prompt, args):
-        words = ' '.join('\n' if w == '<eos>' else w for w in decode(ids)[1:])
-        texts.append(re.sub(r' ?\n ?', '\n', words))     # '<eos>' ends a line, as in the corpus
+        text = ' '.join('\n' if w == '<eos>' else w for w in decode(ids)[1:])
+        texts.append(re.sub(r' ?\n ?', '\n', text))      # '<eos>' ends a line, as in the corpus
         print(texts[-1], '---------------', sep='\n', flush=True)
     return texts
 
