@@ -89,8 +89,8 @@ def vocabulary(ck, cfg, args, log):
     if size != want:
         sys.exit(f"error: the {cfg['dataset']} corpus found has vocabularies of {size} words, "
                  f"the model {want}; point --data-dir at the copy it was trained on")
-    log(f"vocabulary: {' + '.join(f'{n:,}' for n in size)} words rebuilt from the {cfg['dataset']} "
-        f"training split (the checkpoint holds none)")
+    log(f"vocabulary: {' + '.join(f'{n:,}' for n in size)} {'sub' * bpe}words rebuilt from the "
+        f"{cfg['dataset']} training split (the checkpoint holds none)")
     return vocab, c.bpe.read_text(encoding='utf-8') if bpe else None
 
 

@@ -215,4 +215,5 @@ def test_a_checkpoint_without_a_vocabulary_rebuilds_it(kind, trained, capsys, mo
     _, got, err = run(['--resume', tmp_path / 'best.pt', *argv], capsys, text, monkeypatch)
     assert got == want and len(want.split()) > 5
     sizes = {'nmt': '10,214 + 18,726', 'lstm': '10,000', 'bpe': '8,000'}[kind]
-    assert f"vocabulary: {sizes} words rebuilt from the {ck['config']['dataset']} training" in err
+    unit = 'subwords' if kind == 'bpe' else 'words'
+    assert f"vocabulary: {sizes} {unit} rebuilt from the {ck['config']['dataset']} training" in err
