@@ -231,15 +231,18 @@ def test_cpu_tying_quotes_match_their_logs():
     model without the input scale: each quoted number is its log's."""
     text = _readme_prose()
     q = re.search(r"the validation gap between SM-T and SM shrinks from ([\d.]+) at step 750 to "
-                  r"([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+) and ([\d.]+) at step 4,500 \(test ([\d.]+) "
-                  r"against ([\d.]+)\)", text)
+                  r"([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+) and ([\d.]+) at step 4,500 \(seed 1111; seed 2: "
+                  r"from ([\d.]+) to ([\d.]+)\), test ([\d.]+) / ([\d.]+) against ([\d.]+) / ([\d.]+)\.", text)
     assert q, "the README no longer quotes the 4,500-step tying runs"
-    logs = {n: (ROOT / 'results' / 'cpu_ptb_txl_4500' / f'{n}_s1111.log').read_text() for n in ('sm', 'sm_t')}
-    assert (' tied=False ' in logs['sm'].splitlines()[0]) and 'tied' not in logs['sm_t'].splitlines()[0]
-    valid = {n: [float(v) for v in re.findall(r'^eval \| .*?ppl ([\d.]+)', t, re.M)] for n, t in logs.items()}
-    assert [f"{a - b:.2f}" for a, b in zip(valid['sm_t'], valid['sm'])] == list(q.groups()[:6])
-    tests = [re.search(r'^final \| .*test ppl ([\d.]+)', logs[n], re.M).group(1) for n in ('sm_t', 'sm')]
-    assert tests == list(q.groups()[6:])
+    gaps, tests = [], []
+    for seed in (1111, 2):
+        logs = {n: (ROOT / 'results' / 'cpu_ptb_txl_4500' / f'{n}_s{seed}.log').read_text() for n in ('sm', 'sm_t')}
+        assert (' tied=False ' in logs['sm'].splitlines()[0]) and 'tied' not in logs['sm_t'].splitlines()[0]
+        valid = {n: [float(v) for v in re.findall(r'^eval \| .*?ppl ([\d.]+)', t, re.M)] for n, t in logs.items()}
+        gaps.append([f"{a - b:.2f}" for a, b in zip(valid['sm_t'], valid['sm'])])
+        tests.append([re.search(r'^final \| .*test ppl ([\d.]+)', logs[n], re.M).group(1) for n in ('sm_t', 'sm')])
+    assert gaps[0] == list(q.groups()[:6]) and [gaps[1][0], gaps[1][-1]] == list(q.groups()[6:8])
+    assert [tests[0][0], tests[1][0], tests[0][1], tests[1][1]] == list(q.groups()[8:])
     q = re.search(r"\(`embed_scale=1`\) the tied model ends worse, test ([\d.]+) against ([\d.]+)", text)
     for want, name in zip(q.groups(), ['sm_t_scale1_s1111', 'c_sm_t_s1111']):
         log = (ROOT / 'results' / 'cpu_ptb_io' / f'{name}.log').read_text()
