@@ -172,7 +172,7 @@ def score(model, cfg, env, encode, path, log, bpe=False):
     res = dict(ppl=float(np.exp(nll)), tokens=len(ids), oov=unknown, oov_rate=unknown / words)
     if bpe:       # comparable with a word-level model's: the NLL of the file over its words
         res.update(word_ppl=float(np.exp(nll * len(ids) / words)), words=words)
-    print(f"ppl {res['ppl']:.4f} | tokens {len(ids)} | oov {unknown} | oov rate {unknown / words:.6f}"
+    print(f"ppl {res['ppl']:.4f} | tokens {len(ids)} | oov {unknown} | oov rate {res['oov_rate']:.6f}"
           + (f" | word ppl {res['word_ppl']:.4f} | words {words}" if bpe else ''))
     return res
 

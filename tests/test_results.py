@@ -51,6 +51,10 @@ def _total(log):       # the total parameter count a train.py log printed
     return int(re.search(r'^params .* total=(\d+)', log, re.M).group(1))
 
 
+def _test_ppl(log):    # the test perplexity of a log's final line, as printed
+    return re.search(r'^final \| .*test ppl ([\d.]+)', log, re.M).group(1)
+
+
 def _runs(row):
     out = []
     for seed in SEEDS:
@@ -97,7 +101,7 @@ def test_cpu_preset_seeds_match_their_logs(pattern, logs):
     assert quoted, f"the README has no text matching {pattern!r}"
     for want, name in zip(quoted.groups(), logs):
         text = (ROOT / 'results' / 'cpu_ptb_txl_seeds' / f'{name}.log').read_text()
-        assert re.search(r'^final \| .*test ppl ([\d.]+)', text, re.M).group(1) == want, name
+        assert _test_ppl(text) == want, name
         assert (' depth=2 ' in text.splitlines()[0]) == ('depth2' in name), name
 
 
@@ -240,11 +244,11 @@ def test_cpu_tying_quotes_match_their_logs():
         assert (' tied=False ' in logs['sm'].splitlines()[0]) and 'tied' not in logs['sm_t'].splitlines()[0]
         valid = {n: [float(v) for v in re.findall(r'^eval \| .*?ppl ([\d.]+)', t, re.M)] for n, t in logs.items()}
         gaps.append([f"{a - b:.2f}" for a, b in zip(valid['sm_t'], valid['sm'])])
-        tests.append([re.search(r'^final \| .*test ppl ([\d.]+)', logs[n], re.M).group(1) for n in ('sm_t', 'sm')])
+        tests.append([_test_ppl(logs[n]) for n in ('sm_t', 'sm')])
     assert gaps[0] == list(q.groups()[:6]) and [gaps[1][0], gaps[1][-1]] == list(q.groups()[6:8])
     assert [tests[0][0], tests[1][0], tests[0][1], tests[1][1]] == list(q.groups()[8:])
     q = re.search(r"\(`embed_scale=1`\) the tied model ends worse, test ([\d.]+) against ([\d.]+)", text)
     for want, name in zip(q.groups(), ['sm_t_scale1_s1111', 'c_sm_t_s1111']):
         log = (ROOT / 'results' / 'cpu_ptb_io' / f'{name}.log').read_text()
-        assert re.search(r'^final \| .*test ppl ([\d.]+)', log, re.M).group(1) == want, name
+        assert _test_ppl(log) == want, name
         assert ('embed_scale=1.0' in log.splitlines()[0]) == ('scale1' in name)

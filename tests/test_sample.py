@@ -120,13 +120,20 @@ def test_eval_file_reports_perplexity_and_the_oov_rate(trained, capsys, tmp_path
     assert 1 < res['ppl'] < 1e6
 
 
-def test_eval_file_of_the_valid_split_equals_train_eval_only(trained, capsys, tmp_path):
-    # Transformer-XL: its memory carried across windows, as train.py's evaluation does
+def score_valid_both_ways(run_dir, capsys, tmp_path):
+    """PTB's valid file scored by sample.py --eval-file, and the valid split by train.py
+    --eval-only: (sample's result, its stdout, train's result)."""
     shutil.copy(shared_data_dir() / 'ptb' / 'valid.txt', tmp_path / 'copy.txt')
-    res, _, _ = run(['--resume', trained('txl'), '--eval-file', tmp_path / 'copy.txt'], capsys)
-    ref = train.main([str(a) for a in ['--eval-only', 'True', '--resume', trained('txl') / 'ckpt.pt',
+    res, out, _ = run(['--resume', run_dir, '--eval-file', tmp_path / 'copy.txt'], capsys)
+    ref = train.main([str(a) for a in ['--eval-only', 'True', '--resume', run_dir / 'ckpt.pt',
                                        '--eval-max-tokens', 'None', '--save', 'False',
                                        '--out-dir', tmp_path / 'eval']])
+    return res, out, ref
+
+
+def test_eval_file_of_the_valid_split_equals_train_eval_only(trained, capsys, tmp_path):
+    # Transformer-XL: its memory carried across windows, as train.py's evaluation does
+    res, _, ref = score_valid_both_ways(trained('txl'), capsys, tmp_path)
     assert res['oov'] == 0 and res['tokens'] == 73760
     assert res['ppl'] == pytest.approx(ref['valid_ppl'], rel=1e-4)
 
@@ -135,11 +142,7 @@ def test_a_bpe_model_reads_and_writes_words(trained, capsys, tmp_path):
     # a file and a prompt are words, spelt in subwords as the model's corpus was (the file's
     # perplexity per subword and per word as train.py evaluates the valid split); samples are
     # printed as words
-    shutil.copy(shared_data_dir() / 'ptb' / 'valid.txt', tmp_path / 'copy.txt')
-    res, out, _ = run(['--resume', trained('bpe'), '--eval-file', tmp_path / 'copy.txt'], capsys)
-    ref = train.main([str(a) for a in ['--eval-only', 'True', '--resume', trained('bpe') / 'ckpt.pt',
-                                       '--eval-max-tokens', 'None', '--save', 'False',
-                                       '--out-dir', tmp_path / 'eval']])
+    res, out, ref = score_valid_both_ways(trained('bpe'), capsys, tmp_path)
     assert res['oov'] == 0 and res['words'] == 73760 and res['tokens'] > 73760
     assert res['ppl'] == pytest.approx(ref['valid_ppl'], rel=1e-4)
     assert res['word_ppl'] == pytest.approx(ref['valid_word_ppl'], rel=1e-4)
