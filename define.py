@@ -160,6 +160,14 @@ def _to(t, device):   # a host tensor to `device`; from page-locked memory the h
     return t.to(device, non_blocking=True)
 
 
+def softmax_nll(z, target, ignore_index=-100, label_smoothing=0.0):
+    """-log softmax(z)[target] per row: (N, V) logits, (N,) targets -> (N,), 0 where ignored.
+    That is logsumexp(z) - z_t; with label smoothing eps, (1 - eps) of it plus eps times the
+    mean of -log p_j over the vocabulary, logsumexp(z) - mean(z)."""
+    return F.cross_entropy(z, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction='none')
+
+
 def _round_up(x, multiple):
     return -(-x // multiple) * multiple
 
@@ -396,15 +404,9 @@ class AdaptiveSoftmax(nn.Module):
         (N,) for reduction='none'. target may be on the host (see TokenIO)."""
         h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
         if self.n_tail == 0:
-            # -log p_t = logsumexp(z) - z_t; smoothed: (1 - eps) of it plus eps times the mean
-            # of -log p_j over the vocabulary, logsumexp(z) - mean(z). Written out rather than
-            # F.cross_entropy, the backward recomputes the softmax from z and keeps no (N, V)
-            # log-probabilities; nll_loss(z, t) = -z_t picks the target's logit (0 if ignored)
             z, target = self._logits(h, 0, inp), _to(target, h.device)
-            eps, valid = label_smoothing, target != ignore_index
-            nll = (z.logsumexp(-1) + (1 - eps) * F.nll_loss(z, target, reduction='none',
-                                                            ignore_index=ignore_index)
-                   - (eps * z.mean(-1) if eps else 0)) * valid    # (N,)
+            valid = target != ignore_index
+            nll = softmax_nll(z, target, ignore_index, label_smoothing)  # (N,), 0 where ignored
             if reduction == 'none':
                 return nll
             return nll.sum() if reduction == 'sum' else nll.sum() / valid.sum()

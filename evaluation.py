@@ -25,7 +25,8 @@ def nll(model, batches, env):
     total, count, state = 0.0, 0, None
     for x, y, n in batches:
         with env.ctx:
-            loss, state = model(x.to(env.device), y.to(env.device), state)
+            loss, state = model(x.to(env.device, non_blocking=True),   # no wait for the GPU
+                                y.to(env.device, non_blocking=True), state)
         total, count = total + loss.float() * n, count + n
     model.train(was_training)
     return (total / max(count, 1)).item()

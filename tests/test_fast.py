@@ -183,6 +183,23 @@ def test_all_reduce_after_the_backward_equals_one_process(tmp_path):
             torch.testing.assert_close(got, (p0.grad + p1.grad) / 2)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_written_out_nll_equals_cross_entropy(eps):
+    """The NLL compiled runs use (logsumexp(z) - z_t, smoothed) against torch's cross entropy,
+    which define.softmax_nll is: values and gradients in float64, ignored targets 0."""
+    import torch.nn.functional as F
+    z = (3 * torch.randn(12, 50, dtype=torch.double)).requires_grad_()
+    y = torch.randint(0, 50, (12,))
+    y[:3] = 7                                  # the ignored index, also a real class
+    got = fast.written_out_nll(z, y, ignore_index=7, label_smoothing=eps)
+    want = F.cross_entropy(z, y, ignore_index=7, label_smoothing=eps, reduction='none')
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got[:3] == 0).all()
+    g = torch.randn(12, dtype=torch.double)
+    torch.testing.assert_close(torch.autograd.grad(got, z, g)[0], torch.autograd.grad(want, z, g)[0],
+                               rtol=0, atol=1e-12)
+
+
 @cuda
 def test_compiled_equals_eager_on_unaligned_weights():
     """fast.compiled on a Transformer-XL with widths off a multiple of 8 (matmul operands
