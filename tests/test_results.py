@@ -155,6 +155,25 @@ def test_ptb_two_seeds_match_their_logs(label, row):
     assert line.endswith(f"| {got[0]} / {got[1]} |"), line
 
 
+PTB_68 = {'| standard | 24.22M |': 'ptb_standard', '| define (n 128, k 1024, depth 7, g_max 4) | 23.28M |':
+          'ptb_define', "| define, the authors' unit (`variant=define_delight`": 'ptb_define_delight'}
+
+
+@pytest.mark.parametrize("label, log", PTB_68.items())
+def test_ptb_68_epochs_match_their_logs(label, log):
+    """The README's 68-epoch PTB rows: parameters, the validation after each quoted epoch (its
+    log's printed value rounded half up to 0.1), the final test, and the command's settings."""
+    from decimal import ROUND_HALF_UP, Decimal
+    line = _readme_row(label, pipes=6)
+    text = (ROOT / 'results' / f'{log}.log').read_text()
+    ev = dict(re.findall(r'^eval \| step \d+ \| epoch (\d+) \| valid loss [\d.]+ \| ppl ([\d.]+)', text, re.M))
+    curve = ' / '.join(str(Decimal(ev[str(e)]).quantize(Decimal('0.1'), ROUND_HALF_UP))
+                       for e in (1, 2, 4, 6, 10, 20, 35, 50, 68))
+    cells = [c.strip() for c in line.split('|')[2:-1]]
+    assert cells[:3] == [f"{_total(text) / 1e6:.2f}M", curve, _test_ppl(text)], line
+    assert len(ev) == 68 and ('define_delight' in text.splitlines()[0]) == ('delight' in log)
+
+
 def test_ptb_authors_unit_scale_quotes_match_their_logs():
     """The README's 200-step PTB runs of the authors' unit with the map scaled by sqrt(n) and
     without, and the text's unit: training loss at step 200 and validation perplexity."""
