@@ -4,6 +4,7 @@
 # before the redesign (commit 0aec6a8, unpacked into .gpu/before by `prep`) against now.
 #   bash experiments/redesign_alone.sh prep     # here, where git is: once
 #   bash experiments/redesign_alone.sh          # on the GPU machine; a table last
+#   bash experiments/redesign_alone.sh ptb_after main_after ...   # only these, in this order
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=.gpu; OUT=${OUT:-/tmp/redesign}; mkdir -p "$OUT"
@@ -20,10 +21,15 @@ one() {  # name dir args...: one run alone, its wall time and last lines
     echo "$name $(awk "BEGIN{print $(date +%s.%N) - $t0}")" >> "$OUT/walls.txt"
 }
 rm -f "$OUT/walls.txt"
-one main_before $D/before --model txl --embed define
-one main_after . --model txl --embed define map_dropout=0 unit_dropout=0
-one ptb_before $D/before --config ptb_awd_lstm --max-epochs 2
-one ptb_after . --config ptb_awd_lstm --max-epochs 2
+for name in ${@:-main_before main_after ptb_before ptb_after}; do
+    case $name in
+        main_before) one main_before $D/before --model txl --embed define ;;
+        main_after) one main_after . --model txl --embed define map_dropout=0 unit_dropout=0 ;;
+        ptb_before) one ptb_before $D/before --config ptb_awd_lstm --max-epochs 2 ;;
+        ptb_after) one ptb_after . --config ptb_awd_lstm --max-epochs 2 ;;
+        *) echo "error: no run $name (main_before, main_after, ptb_before, ptb_after)" >&2; exit 1 ;;
+    esac
+done
 printf '\n%-12s %8s  %-44s %s\n' run wall_s final/valid 'epoch times'
 while read name wall; do
     printf '%-12s %8.1f  %-44s %s\n' $name $wall \
