@@ -15,6 +15,7 @@ RUN_FILES = ('ckpt*.pt', 'best.pt', 'metrics.jsonl')   # what a run writes in it
 def save(path, obj):
     """Atomic: a crash mid-write leaves the previous checkpoint intact."""
     tmp = Path(path).with_name(f'{Path(path).name}.tmp{os.getpid()}')   # no two writers collide
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, tmp)
     os.replace(tmp, path)
 

@@ -30,7 +30,18 @@ RESUMABLE = {'max_epochs', 'max_iters', 'log_interval', 'eval_interval', 'save_i
 POSITIVE = ('batch_size', 'micro_batch', 'bptt', 'd_model', 'n', 'k', 'm', 'depth', 'g_max',
             'lstm_hidden', 'lstm_layers', 'n_layer', 'n_head', 'd_head', 'd_inner', 'enc_layers',
             'dec_layers', 'd_ff', 'max_tokens', 'batch_tokens', 'eval_batch_size',
-            'test_batch_size', 'eval_max_tokens', 'beam', 'log_interval', 'save_interval')
+            'test_batch_size', 'eval_max_tokens', 'beam', 'log_interval', 'save_interval',
+            'max_iters', 'eval_tgt_len', 'max_vocab', 'factor', 'out_factor')
+NONNEGATIVE = ('lr', 'grad_clip', 'weight_decay', 'warmup', 'min_lr', 'alpha', 'beta',
+               'eval_mem_len', 'bucket', 'eval_interval')   # 0: off
+# the settings whose default is None: what each takes when it is set
+OPTIONAL = dict(vocab_size=((int, list, tuple), 'a whole number (translation: a pair)'),
+                embed_scale=((int, float), 'a number'), max_epochs=((int, float), 'a number'),
+                tied=(bool, 'True or False'), eval_same_length=(bool, 'True or False'),
+                **{k: (int, 'a whole number') for k in (
+                    'n', 'm', 'factor', 'out_factor', 'micro_batch', 'eval_tgt_len', 'eval_mem_len',
+                    'eval_clamp_len', 'max_vocab', 'bucket', 'batch_tokens', 'max_iters',
+                    'eval_interval', 'eval_max_tokens', 'save_interval')})
 PROBABILITY = ('dropout', 'dropouth', 'dropouti', 'dropoute', 'wdrop', 'dropatt', 'unit_dropout',
                'map_dropout', 'label_smoothing')   # each in [0, 1)
 
@@ -90,11 +101,20 @@ def check(cfg, defaults, choices):   # one clear line for a value that would fai
                 want is float and isinstance(val, int)) and not (want is list and isinstance(val, tuple)):
             sys.exit(f"error: --{key.replace('_', '-')} {val!r} is not a{'n' if want is int else ''} "
                      f"{want.__name__} (default: {defaults[key]!r})")
+    for key, (want, words) in OPTIONAL.items():   # True is an int to Python, not here
+        val = cfg[key]
+        if want is bool and str(val).lower() in ('true', 'false'):   # --tied false
+            val = cfg[key] = str(val).lower() == 'true'
+        if val is not None and not (isinstance(val, want) and (want is bool) == isinstance(val, bool)):
+            sys.exit(f"error: --{key.replace('_', '-')} {val!r} must be {words}")
     for key in POSITIVE:
         if cfg[key] is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be a positive whole number")
-    if cfg['bucket'] is not None and not (isinstance(cfg['bucket'], int) and cfg['bucket'] >= 0):
-        sys.exit(f"error: --bucket {cfg['bucket']!r} must be a whole number, 0 (off) or more")
+    for key in NONNEGATIVE:   # a negative clip norm would flip the gradient's sign, silently
+        if cfg[key] is not None and not (isinstance(cfg[key], (int, float)) and cfg[key] >= 0):
+            sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be 0 or more")
+    if cfg['max_epochs'] is not None and cfg['max_epochs'] <= 0:
+        sys.exit(f"error: --max-epochs {cfg['max_epochs']!r} must be above 0")
     for key in PROBABILITY:
         if not (isinstance(cfg[key], (int, float)) and 0 <= cfg[key] < 1):
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be at least 0 and below 1")

@@ -109,7 +109,7 @@ DEFAULTS = dict(
     warmup=0, min_lr=0.0, lr_decay=0.1, lr_decay_epochs=[],
     max_epochs=None, max_iters=None,   # stop at whichever comes first
     # --- logging, evaluation, checkpoints
-    log_interval=50, eval_interval=None,   # steps (eval None: each epoch; the last step always)
+    log_interval=50, eval_interval=None,   # steps (eval None or 0: each epoch; the last always)
     eval_max_tokens=None,     # cap tokens per validation pass (None: the whole split)
     eval_only=False, count_params=False,
     resume=None,              # a checkpoint or its folder: continue it with its own settings

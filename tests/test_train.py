@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import build
+import checkpoint
 import train
 from conftest import ROOT
 
@@ -83,6 +84,8 @@ def test_command_line_forms_parse_alike():
         assert (cfg['count_params'], cfg['k'], cfg['depth']) == (True, 2048, 7), argv
     assert train.get_config(['--compile', 'false'])['compile'] is False
     assert train.get_config(['--cutoffs', '[10, 20]', '--n', 'None'])['cutoffs'] == [10, 20]
+    assert train.get_config(['--tied', 'false'])['tied'] is False   # a switch whose default is None
+    assert train.get_config(['--data-dir', 'true'])['data_dir'] == 'true'   # a folder's name stays one
 
 
 def test_help_lists_every_setting(capsys):
@@ -111,6 +114,15 @@ def test_help_lists_every_setting(capsys):
     (['--unit-dropout', '1.5'], "--unit-dropout 1.5 must be at least 0 and below 1"),
     (['--dropout', '-0.1'], "--dropout -0.1 must be at least 0"),
     (['--label-smoothing', '1'], "--label-smoothing 1 must be"),
+    (['--grad-clip', '-1'], "--grad-clip -1 must be 0 or more"),
+    (['--lr', '-0.5'], "--lr -0.5 must be 0 or more"),
+    (['--max-iters', '0'], "--max-iters 0 must be a positive whole number"),
+    (['--max-epochs', '-2'], "--max-epochs -2 must be above 0"),
+    (['--max-epochs', 'abc'], "--max-epochs 'abc' must be a number"),
+    (['--eval-interval', 'abc'], "--eval-interval 'abc' must be a whole number"),
+    (['--eval-interval', '-5'], "--eval-interval -5 must be 0 or more"),
+    (['--tied', 'maybe'], "--tied 'maybe' must be True or False"),
+    (['--n', 'True'], "--n True must be a whole number"),
     (['--model', 'nmt', '--embed', 'cnn', '--data-dir', '/nonexistent'], "cnn is for language models"),
 ])
 def test_bad_settings_exit_with_a_message(argv, match):
@@ -135,6 +147,13 @@ def test_malformed_command_lines_exit_with_usage(argv, match, capsys):
 def test_unknown_dataset_names_the_known_ones():
     with pytest.raises(SystemExit, match="--dataset 'imdb' unknown.*'ptb'"):
         run(TINY_LSTM + ['--dataset', 'imdb'])
+
+
+def test_a_checkpoint_goes_into_a_folder_not_made_yet(tmp_path):
+    path = tmp_path / 'new' / 'ckpt.pt'
+    checkpoint.save(path, dict(model={'w': torch.ones(2)}, config={}))
+    assert torch.equal(checkpoint.load(path)['model']['w'], torch.ones(2))
+    assert [p.name for p in path.parent.iterdir()] == ['ckpt.pt']   # no temporary file left
 
 
 def test_corrupt_and_mismatched_checkpoints(data_root, cache, tmp_path):
@@ -475,7 +494,7 @@ def test_translation_buckets_follow_compile_and_are_stored(data_root, cache, tmp
     assert train.get_config(nmt + ['--compile', 'True'])['bucket'] == 8
     assert train.get_config(nmt + ['--compile', 'True', '--bucket', '4'])['bucket'] == 4
     assert train.get_config(['--model', 'txl'])['bucket'] is None     # language models: no use
-    with pytest.raises(SystemExit, match="--bucket -1 must be a whole number"):
+    with pytest.raises(SystemExit, match="--bucket -1 must be 0 or more"):
         train.get_config(nmt + ['--bucket', '-1'])
     res, _ = run(TINY_NMT + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
                              '--max-iters', '2', '--bucket', '8', '--max-len-b', '2'])
