@@ -18,6 +18,7 @@ attention matrices) against PEAK_FLOPS; the output softmax and embeddings are no
 Translation also prints MFU on the count of nanoGPT, Megatron and Chinchilla: every matrix
 multiply, the output layer included, forward and backward (nmt_matmul_flops, its parts).
 """
+import argparse
 import sys
 import time
 
@@ -234,22 +235,22 @@ def bench_io(env, steps, warmup):
         env.log(f"  {name:<34} {ms:8.3f} ms  ({'fwd' if 'look' in name or 'nn.' in name else 'fwd+bwd'})")
 
 
-def main():
-    argv, steps, warmup, what, prof = list(sys.argv[1:]), 20, 5, 'model', False
-    for flag in ('--steps', '--warmup-steps', '--what', '--profile'):
-        if flag in argv:
-            i = argv.index(flag)
-            val = argv[i + 1]
-            del argv[i:i + 2]
-            if flag == '--steps':
-                steps = int(val)
-            elif flag == '--warmup-steps':
-                warmup = int(val)
-            elif flag == '--profile':
-                prof = val.lower() in ('1', 'true', 'yes')
-            else:
-                what = val
-    cfg = train.get_config(argv)
+def parse(argv):
+    """bench's own flags -> args; the rest are train.py's settings -> cfg."""
+    ap = argparse.ArgumentParser(prog='bench.py', add_help=False, allow_abbrev=False)
+    ap.add_argument('--steps', type=int, default=20)
+    ap.add_argument('--warmup-steps', type=int, default=5)
+    ap.add_argument('--what', choices=('model', 'io'), default='model')
+    ap.add_argument('--profile', type=lambda v: v.lower() in ('1', 'true', 'yes'), default=False)
+    args, rest = ap.parse_known_args(argv)
+    if args.steps < 1 or args.warmup_steps < 0:
+        ap.error('--steps must be at least 1 and --warmup-steps at least 0')
+    return train.get_config(rest), args
+
+
+def main(argv=None):
+    cfg, args = parse(sys.argv[1:] if argv is None else argv)
+    steps, warmup, what, prof = args.steps, args.warmup_steps, args.what, args.profile
     env = train.setup(dict(cfg, save=False))
     try:
         if what == 'io':

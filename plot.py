@@ -28,7 +28,7 @@ def read(path):
     path = path / 'metrics.jsonl' if path.is_dir() else path
     if not path.exists():
         sys.exit(f"error: {path} not found; pass run folders written by train.py (--out-dir)")
-    lines = path.read_text().splitlines()
+    lines = text(path).splitlines()
     if path.suffix == '.log':                 # train.py's output: the eval lines
         rows = []
         for line in lines:
@@ -36,8 +36,18 @@ def read(path):
             if f[0] == ['eval'] and len(f) >= 5:
                 rows.append(dict(step=int(f[1][1]), epoch=int(f[2][1]), val_ppl=float(f[4][1])))
         return path.stem, rows
-    rows = [json.loads(line) for line in lines if line.strip()]
+    try:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {path} is not a metrics.jsonl written by train.py ({e})")
     return path.parent.name, [r for r in rows if 'val_ppl' in r and not r.get('final')]
+
+
+def text(path):
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: cannot read {path} ({e}); pass train.py's logs or run folders")
 
 
 def final_values(text):
@@ -52,9 +62,9 @@ def finals(paths):
     """NAME_sSEED.log files -> {NAME: dict(params=, test=[per seed], word=bool)}, in order."""
     rows = {}
     for path in map(Path, paths):
-        text = path.read_text()
-        cells = final_values(text)
-        params = re.search(r'^params .*total=(\d+)', text, re.M)
+        log = text(path)
+        cells = final_values(log)
+        params = re.search(r'^params .*total=(\d+)', log, re.M)
         if not (cells and params):
             sys.exit(f"error: {path} has no 'params' or 'final' line: pass logs of finished runs")
         word = 'test word ppl' in cells
@@ -102,6 +112,9 @@ def main():
     styles = [(ls, mk) for ls in ('-', '--', ':') for mk in ('o', 's', '^', 'D')]
     for i, run in enumerate(args.runs):   # a line style and marker each: close curves stay apart
         name, rows = read(run)
+        if not rows:
+            sys.exit(f"error: {run} has no evaluation yet (no 'eval' line or val_ppl row): "
+                     f"nothing to plot for it")
         rows = [r for r in rows if args.x_from is None or r[args.x] >= args.x_from]
         if rows:
             ls, mk = styles[i % len(styles)]

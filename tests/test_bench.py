@@ -1,5 +1,5 @@
-"""bench.py's FLOP count of a translation step against torch's own counter of every matrix
-multiply it runs (torch.utils.flop_counter), forward and backward."""
+"""bench.py: its FLOP count of a translation step against torch's own counter of every matrix
+multiply it runs (torch.utils.flop_counter), forward and backward; its command line."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,3 +25,13 @@ def test_nmt_matmul_flops_match_torchs_counter(S, T, enc, dec):
     parts = bench.nmt_matmul_flops(cfg, B, S, T, 56)
     assert sum(parts.values()) == fc.get_total_flops()
     assert parts['output'] == 6 * B * T * 32 * 56 and min(parts.values()) > 0
+
+
+def test_bench_flags_and_trains_settings_are_told_apart(capsys):
+    cfg, args = bench.parse(['--config', 'cpu_ptb_txl', '--warmup', '7', '--steps', '3', '--what', 'io'])
+    assert (cfg['warmup'], args.warmup_steps, args.steps, args.what) == (7, 5, 3, 'io')
+    for argv, match in ((['--what', 'nope'], "invalid choice: 'nope'"), (['--steps', '0'], '--steps must be'),
+                        (['--steps', 'abc'], "invalid int value: 'abc'")):
+        with pytest.raises(SystemExit) as e:
+            bench.parse(argv)
+        assert e.value.code == 2 and match in capsys.readouterr().err

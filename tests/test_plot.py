@@ -40,3 +40,18 @@ def test_final_points_group_seeds_and_take_word_perplexity_for_bpe(tmp_path):
     (tmp_path / 'cut_s1.log').write_text('params define=0 context=1 io=2 total=5\nstep 1 | loss 5.0\n')
     with pytest.raises(SystemExit, match="no 'params' or 'final' line"):
         plot.finals([tmp_path / 'cut_s1.log'])
+
+
+def test_unreadable_inputs_exit_with_one_line(tmp_path, monkeypatch):
+    (tmp_path / 'binary.log').write_bytes(b'\xff\xfe not text')
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'metrics.jsonl').write_text('{"step": 1, "val_ppl"\n')
+    (tmp_path / 'none.log').write_text('step 1 | loss 5.0\n')
+    for argv, match in (([str(tmp_path / 'binary.log')], 'cannot read'),
+                        (['--final', str(tmp_path / 'binary.log')], 'cannot read'),
+                        ([str(tmp_path / 'run')], 'not a metrics.jsonl'),
+                        ([str(tmp_path / 'none.log')], 'no evaluation yet')):
+        monkeypatch.setattr('sys.argv', ['plot.py', *argv, '--out', str(tmp_path / 'p.png')])
+        with pytest.raises(SystemExit, match=match):
+            plot.main()
+    assert not (tmp_path / 'p.png').exists()
