@@ -190,18 +190,18 @@ def bench_model(cfg, env, steps, warmup, prof=False):
             f"{tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
             f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB | loss {loss.item():.3f} (finite: "
             f"{bool(torch.isfinite(loss))})")
-    if parts is not None and dev.type == 'cuda':
+    if parts is not None:
         all_mm = sum(parts.values())
         env.log(f"bench | every matmul: {all_mm / 1e12:.2f} TFLOP/step (layers "
                 f"{parts['layers'] / 1e12:.2f}, attention {parts['attention'] / 1e12:.2f}, output "
                 f"{parts['output'] / 1e12:.2f}{'' if cfg['embed'] == 'standard' else '; standard output assumed'})"
-                f" | MFU {100 * all_mm / dt / PEAK_FLOPS:5.1f}% (above: 6N + attention, "
+                f" | MFU {100 * mfu * all_mm / flops:5.1f}% (above: 6N + attention, "
                 f"{flops / 1e12:.2f} TFLOP/step)")
     return tok_s
 
 
 def bench_io(env, steps, warmup):
-    """Issue-2 measurement: the input path (fwd + bwd) of DeFINE vs the projective embedding
+    """The input path alone (fwd + bwd): DeFINE against the projective embedding
     on a 60 x 150 Zipf batch over WikiText-103's vocabulary, dedup on/off, and the cache."""
     dev, V, C = env.device, 267_735, [20000, 40000, 200000]
     ids = [zipf(V, (150, 60), dev) for _ in range(4)]
