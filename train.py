@@ -360,9 +360,12 @@ def train(cfg, env):
         return max(shares)
 
     # ---- the loop: every model, `accum` micro-batches per optimizer step
-    stop, handler = [], signal.getsignal(signal.SIGINT)
-    if env.world == 1:   # Ctrl-C: finish the step, save, exit (DDP ranks could stop apart)
-        signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, handler)))
+    # Ctrl-C or a scheduler's SIGTERM: finish the step, save, exit; a second one stops at once.
+    # One process only: DDP ranks could stop at different steps.
+    stop, handlers = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if env.world == 1:
+        for s in handlers:
+            signal.signal(s, lambda sig, _: (stop.append(sig), signal.signal(sig, handlers[sig])))
     model.train()
     t0 = t_epoch = t_run = time.time()
     done0, loss_sum, n_steps, tokens = share_done(), torch.zeros((), device=env.device), 0, 0
@@ -409,7 +412,8 @@ def train(cfg, env):
             evaluate_and_save()
         elif cfg['save_interval'] and st['step'] % cfg['save_interval'] == 0:
             save()
-    signal.signal(signal.SIGINT, handler)
+    for s, h in handlers.items():
+        signal.signal(s, h)
     if not stop and st['evaluated'] != st['step']:
         evaluate_and_save()   # the steps since the last evaluation count too (best.pt may be them)
     else:
@@ -419,7 +423,7 @@ def train(cfg, env):
         env.log(f"interrupted at step {st['step']}: " + (
             f"{out / 'ckpt.pt'} written; python train.py --resume {out} continues the run"
             if cfg['save'] else "nothing written (--save False)"))
-        raise SystemExit(130)
+        raise SystemExit(128 + stop[0])   # 130 for Ctrl-C, 143 for SIGTERM, as the shell has it
 
     # ---- the final evaluation: of averaged checkpoints, else of the best validated weights
     if cfg['avg_last'] and cfg['save']:

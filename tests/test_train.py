@@ -332,23 +332,24 @@ def test_the_steps_after_the_last_evaluation_are_evaluated_too(data_root, cache,
     assert res['valid_ppl'] == pytest.approx(evals[best], rel=1e-9)
 
 
-def _ctrl_c(args, at):
-    """(exit code, output) of train.py ARGS given SIGINT once it prints a line starting `at`."""
+def _ctrl_c(args, at, sig=signal.SIGINT):
+    """(exit code, output) of train.py ARGS given SIG once it prints a line starting `at`."""
     p = subprocess.Popen([sys.executable, str(ROOT / 'train.py')] + [str(a) for a in args],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     for line in p.stdout:
         if line.startswith(at):
             break
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out = p.communicate(timeout=120)[0]
     return p.returncode, out
 
 
-def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])   # Ctrl-C; a scheduler's stop
+def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path, sig):
     args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
                         '--log-interval', '1', '--max-iters', '100000']
-    code, out = _ctrl_c(args, at='step       3')      # training runs
-    assert code == 130, out
+    code, out = _ctrl_c(args, at='step       3', sig=sig)      # training runs
+    assert code == 128 + sig, out
     assert f"{tmp_path / 'ckpt.pt'} written; python train.py --resume {tmp_path}" in out
     step = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['train']['step']
     assert step >= 3 and f'interrupted at step {step}' in out
