@@ -174,6 +174,18 @@ def test_ptb_68_epochs_match_their_logs(label, log):
     assert len(ev) == 68 and ('define_delight' in text.splitlines()[0]) == ('delight' in log)
 
 
+def test_ptb_68_epoch_gaps_match_their_logs():
+    """The summary's and the Results' PTB gaps to the standard model, in test perplexity."""
+    test = {n: float(_test_ppl((ROOT / 'results' / f'ptb_{n}.log').read_text()))
+            for n in ('standard', 'define', 'define_delight')}
+    text = _readme_prose()
+    gap, delight = (f"{test[n] - test['standard']:.2f}" for n in ('define', 'define_delight'))
+    assert f"on PTB {gap} test points behind the standard AWD-LSTM" in text
+    assert f"and the authors' unit {delight}, on" in text
+    assert f"(test: {test['define']:.2f} against {test['standard']:.2f}, {gap})" in text
+    assert f"still {delight} behind the standard model" in text
+
+
 def test_ptb_authors_unit_scale_quotes_match_their_logs():
     """The README's 200-step PTB runs of the authors' unit with the map scaled by sqrt(n) and
     without, and the text's unit: training loss at step 200 and validation perplexity."""
