@@ -86,6 +86,27 @@ def test_wt2_table_matches_its_logs(label, row):
             assert f" {change.group(1)} " in first, (row, seed)
 
 
+def test_wt2_gaps_quoted_in_prose_match_the_logs():
+    """Every difference the summary and the Results prose quote between WikiText-2 rows: the
+    means of the three seeds' test perplexities, from the logs."""
+    m = {row: statistics.mean(r[1] for r in _runs(row))
+         for row in ('std', 'adp', 'proj128', 'proj64', 'def128', 'delight128', 'def64', 'h_drop')}
+    gap = lambda a, b: f"{m[a] - m[b]:.1f}"   # noqa: E731
+    text = _readme_prose()
+    for quote in (f"on WikiText-2 it is {gap('def128', 'proj128')} test points behind a projective table",
+                  f"the authors' own later unit {gap('delight128', 'proj128')}), and still "
+                  f"{gap('h_drop', 'proj128')} behind with the dropout",
+                  f"at n 64 the gap is {gap('def64', 'proj64')}",
+                  f"the adaptive input is best ({gap('std', 'adp')} points ahead of the standard table",
+                  f"DeFINE (n 128) ends {gap('def128', 'proj128')} test points behind the projective table",
+                  f"and {gap('def128', 'proj64')} behind the projective table of *half* its width",
+                  f"The authors' own unit is {gap('def128', 'delight128')} point better",
+                  f"ends {gap('def64', 'proj64')} points behind projective n 64",
+                  f"halving n costs DeFINE {gap('def64', 'def128')} points and projective {gap('proj64', 'proj128')}",
+                  f"Dropout in the unit closes {gap('def128', 'h_drop')} of the {gap('def128', 'proj128')} points"):
+        assert quote in text, quote
+
+
 CPU_1500 = [   # the README's quotes of the CPU preset's own budget -> their logs in cpu_ptb_txl_seeds/
     (r'DeFINE gives test ([\d.]+) / ([\d.]+) and\s+projective n 64 ([\d.]+) / ([\d.]+) \(seeds 1111 / 2',
      ['define_s1111', 'define_s2', 'projective_n64_s1111', 'projective_n64_s2']),
