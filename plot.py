@@ -28,7 +28,7 @@ def read(path):
     path = path / 'metrics.jsonl' if path.is_dir() else path
     if not path.exists():
         sys.exit(f"error: {path} not found; pass run folders written by train.py (--out-dir)")
-    lines = text(path).splitlines()
+    lines = read_text(path).splitlines()
     if path.suffix == '.log':                 # train.py's output: the eval lines
         rows = []
         for line in lines:
@@ -43,7 +43,7 @@ def read(path):
     return path.parent.name, [r for r in rows if 'val_ppl' in r and not r.get('final')]
 
 
-def text(path):
+def read_text(path):
     try:
         return Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -62,7 +62,7 @@ def finals(paths):
     """NAME_sSEED.log files -> {NAME: dict(params=, test=[per seed], word=bool)}, in order."""
     rows = {}
     for path in map(Path, paths):
-        log = text(path)
+        log = read_text(path)
         cells = final_values(log)
         params = re.search(r'^params .*total=(\d+)', log, re.M)
         if not (cells and params):
