@@ -31,7 +31,7 @@ POSITIVE = ('batch_size', 'micro_batch', 'bptt', 'd_model', 'n', 'k', 'm', 'dept
             'lstm_hidden', 'lstm_layers', 'n_layer', 'n_head', 'd_head', 'd_inner', 'enc_layers',
             'dec_layers', 'd_ff', 'max_tokens', 'batch_tokens', 'eval_batch_size',
             'test_batch_size', 'eval_max_tokens', 'beam', 'log_interval', 'save_interval',
-            'max_iters', 'eval_tgt_len', 'max_vocab', 'factor', 'out_factor')
+            'max_iters', 'eval_tgt_len', 'max_vocab', 'factor', 'out_factor', 'nonmono')
 NONNEGATIVE = ('lr', 'grad_clip', 'weight_decay', 'warmup', 'min_lr', 'alpha', 'beta',
                'eval_mem_len', 'bucket', 'eval_interval')   # 0: off
 # the settings whose default is None: what each takes when it is set

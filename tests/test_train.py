@@ -115,6 +115,7 @@ def test_help_lists_every_setting(capsys):
     (['--dropout', '-0.1'], "--dropout -0.1 must be at least 0"),
     (['--label-smoothing', '1'], "--label-smoothing 1 must be"),
     (['--grad-clip', '-1'], "--grad-clip -1 must be 0 or more"),
+    (['--nonmono', '0'], "--nonmono 0 must be a positive whole number"),
     (['--lr', '-0.5'], "--lr -0.5 must be 0 or more"),
     (['--max-iters', '0'], "--max-iters 0 must be a positive whole number"),
     (['--max-epochs', '-2'], "--max-epochs -2 must be above 0"),
@@ -365,6 +366,50 @@ def test_ctrl_c_outside_the_loop_exits_as_a_stopped_run(data_root, cache, tmp_pa
     assert 'interrupted' in out
 
 
+def test_learning_rate_schedules():
+    """lr_at against the schedules' values written out at chosen steps."""
+    cfg = lambda **kw: dict(dict(lr=1.0, warmup=0, schedule='constant', max_iters=None,   # noqa: E731
+                                 min_lr=0.0, lr_decay=0.1, lr_decay_epochs=[], d_model=16), **kw)
+    at = lambda c, steps, epoch=0: [round(train.lr_at(c, s, epoch), 12) for s in steps]   # noqa: E731
+    assert at(cfg(), [0, 50, 10 ** 6]) == [1.0, 1.0, 1.0]
+    assert at(cfg(warmup=4), [0, 1, 2, 3, 4, 99]) == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # cosine from lr at the end of warmup to min_lr at max_iters: half-way is the mean
+    c = cfg(schedule='cosine', warmup=2, max_iters=12, min_lr=0.1)
+    assert at(c, [0, 1, 2, 7, 12, 20]) == [0.5, 1.0, 1.0, 0.55, 0.1, 0.1]
+    assert at(c, [4]) == [round(0.1 + 0.45 * (1 + math.cos(math.pi * 0.2)), 12)]
+    c = cfg(schedule='step', lr_decay_epochs=[2, 4])   # x0.1 at each listed epoch
+    assert [round(train.lr_at(c, 0, e), 12) for e in range(6)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    # noam: rises linearly to its peak lr / sqrt(d_model * warmup) at step `warmup`, then ~ 1/sqrt
+    c = cfg(schedule='noam', warmup=4, lr=2.0)
+    assert at(c, [0, 1, 2, 3]) == [0.0625, 0.125, 0.1875, 0.25]      # 2 / sqrt(16 * 4) = 0.25
+    assert at(c, [15, 63]) == [0.125, 0.0625]                          # 0.25 * sqrt(4 / s)
+
+
+def test_nt_asgd_starts_when_validation_stalls(data_root, cache, tmp_path, capsys):
+    """Merity et al.'s trigger, read from the run's own validation history: averaging starts
+    after the first evaluation worse than the best of all but the last `nonmono` before it;
+    from then on evaluations (and best.pt) use the running mean of the weights."""
+    _, out = run(TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                              '--asgd', 'True', '--nonmono', '1', '--eval-interval', '2',
+                              '--max-iters', '30'], capsys)
+    rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    evals = [(r['step'], r['val_ppl']) for r in rows if 'val_ppl' in r and not r.get('final')]
+    ppl = [v for _, v in evals]
+    trigger = next(i for i in range(2, len(ppl)) if ppl[i] > min(ppl[:i - 1]))
+    lines = [ln for ln in out.splitlines() if ln.startswith(('eval |', 'NT-ASGD'))]
+    start = lines.index(next(ln for ln in lines if ln.startswith('NT-ASGD')))
+    assert start == trigger + 1 and lines[start - 1].startswith(f'eval | step {evals[trigger][0]} ')
+    assert all(('averaged weights' in ln) == (i > start) for i, ln in enumerate(lines) if ln.startswith('eval'))
+    ck = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ck['averager']['count'] == 30 - evals[trigger][0] + 1    # started, then once a step
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    names = [n for n, _ in build.model(ck['config'], 10000).named_parameters()]
+    if best['train']['step'] == 30:   # the last evaluation was the best: best.pt holds the mean
+        for name, mean in zip(names, ck['averager']['avg']):
+            assert torch.equal(best['model'][name], mean), name
+            assert not torch.equal(ck['model'][name], mean) or mean.dim() == 0, name
+
+
 def test_averager_is_the_mean_of_the_iterates():
     p = torch.nn.Parameter(torch.zeros(3))
     avg = train.Averager([p])
@@ -503,6 +548,22 @@ def test_translation_buckets_follow_compile_and_are_stored(data_root, cache, tmp
     ck = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ck['config']['bucket'] == 8
     assert train.get_config(['--resume', str(tmp_path), '--compile', 'True'])['bucket'] == 8
+
+
+def test_last_checkpoints_averaged_for_the_final_test(data_root, cache, tmp_path, capsys):
+    """--avg-last N: the final evaluation is of the mean of the last N numbered checkpoints,
+    the same as --eval-only of a checkpoint holding that mean."""
+    res, out = run(TINY_NMT + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path,
+                               '--max-iters', '3', '--eval-interval', '1', '--avg-last', '2'], capsys)
+    assert "averaged 2 checkpoints: ['ckpt2.pt', 'ckpt3.pt']" in out
+    two = [torch.load(tmp_path / f'ckpt{s}.pt', weights_only=True) for s in (2, 3)]
+    mean = {k: (two[0]['model'][k].double() + two[1]['model'][k].double()).div(2).to(v.dtype)
+            for k, v in two[1]['model'].items()}
+    torch.save(dict(two[1], model=mean), tmp_path / 'mean.pt')
+    again, _ = run(['--eval-only', '--resume', tmp_path / 'mean.pt', '--device', 'cpu',
+                    '--data-dir', data_root, '--cache-dir', cache], capsys)
+    assert again['test_ppl'] == pytest.approx(res['test_ppl'], rel=1e-6)
+    assert again['test_bleu'] == res['test_bleu']
 
 
 @pytest.mark.parametrize("optimizer", ['sgd', 'adam'])
