@@ -2,6 +2,7 @@
 cache, Transformer-XL's memory against full recomputation, scoring a text file against
 train.py's evaluation, and translating raw text line by line."""
 import io
+import re
 import shutil
 import sys
 
@@ -85,6 +86,29 @@ def test_the_embedding_cache_samples_the_same_tokens(kind, trained, capsys):
     cached, out_cached, err_cached = run(argv + ['--embed-cache'], capsys)
     assert 'embedding cache:' in err_cached and 'embedding cache:' not in err
     assert cached == plain and out_cached == out
+
+
+@pytest.mark.parametrize('kind', ['lstm', 'txl'])
+def test_greedy_sampling_takes_the_most_likely_word(kind, trained, capsys):
+    """--temperature 0, and --top-k 1 at any temperature, pick the most likely word each step:
+    the words of greedy decoding by full recomputation over the growing prefix."""
+    argv = ['--resume', trained(kind), '--start', 'the stock market', '--num-samples', '2',
+            '--max-new-tokens', '6']
+    greedy, _, _ = run(argv + ['--temperature', '0'], capsys)
+    top1, _, _ = run(argv + ['--temperature', '1.5', '--top-k', '1', '--seed', '3'], capsys)
+    assert greedy[0] == greedy[1] and top1 == greedy
+
+    class Args:
+        resume, device, embed_cache = trained(kind), 'cpu', False
+    ck, _, _, model = sample.load(Args, lambda msg: None)
+    words = ck['words']
+    ids = [words.index(w) for w in ['<eos>', 'the', 'stock', 'market']]
+    with torch.no_grad():
+        for _ in range(6):
+            lp = sample.step(model, torch.tensor(ids)[:, None], None)[0]   # the whole prefix again
+            ids.append(int(lp[0].argmax()))
+    want = ' '.join('\n' if words[i] == '<eos>' else words[i] for i in ids[1:])
+    assert greedy[0] == re.sub(r' ?\n ?', '\n', want)
 
 
 def test_txl_step_by_step_with_memory_equals_full_recomputation(trained):
