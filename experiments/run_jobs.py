@@ -53,6 +53,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('jobs', nargs='+', help='job files: NAME train.py-arguments, one row a line')
     p.add_argument('--seeds', default='1111,2,3', help='comma-separated (default 1111,2,3)')
+    p.add_argument('--rows', default=None, help='comma-separated row names: only these rows')
     p.add_argument('--parallel', type=int, default=6, help='runs at once (default 6)')
     p.add_argument('--budget', type=float, default=None, help='seconds, then checkpoint and stop')
     p.add_argument('--common', default='', help="arguments for every run, e.g. '--data-dir data'")
@@ -71,6 +72,13 @@ def main(argv=None):
         if not Path(f).is_file():
             p.error(f'no job file {f}')
     jobs = [j for f in a.jobs for j in read_jobs(f, seeds)]
+    if a.rows:   # a few rows of a long file: those one GPU call has time for
+        rows = a.rows.split(',')
+        names = {name.rsplit('_s', 1)[0] for name, _ in jobs}
+        if set(rows) - names:
+            p.error(f"--rows {','.join(sorted(set(rows) - names))}: not in {' '.join(a.jobs)}; "
+                    f"its rows: {', '.join(sorted(names))}")
+        jobs = [j for j in jobs if j[0].rsplit('_s', 1)[0] in rows]
     runs = Path(a.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))

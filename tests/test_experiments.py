@@ -79,6 +79,11 @@ def test_queue_stops_at_the_budget_resumes_and_skips_finished_runs(tmp_path, cap
 
     assert run_jobs.main([str(jobs)] + common) == 0
     assert '4 finished already, 0 to run' in capsys.readouterr().out
+    assert run_jobs.main([str(jobs), '--rows', 'rowb'] + common) == 0   # one row of the file
+    assert '2 finished already, 0 to run' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_jobs.main([str(jobs), '--rows', 'rowb,rowc'] + common)
+    assert "--rows rowc: not in" in capsys.readouterr().err
 
 
 def test_a_bpe_runs_final_line_counts_as_finished(tmp_path):
