@@ -80,9 +80,15 @@ def print_params(model, log=print):
 
 def trained(ck, cfg, env):
     """The model of checkpoint ck (ckpt.pt or best.pt; cfg: its settings) on env.device, in
-    eval mode, with DeFINE's cached table if cfg['embed_cache']."""
+    eval mode, with DeFINE's cached table if cfg['embed_cache']. A ckpt.pt written after
+    NT-ASGD began gives the averaged weights (best.pt holds them already)."""
     net = model(cfg, cfg['vocab_size'], ck.get('words'))
     checkpoint.load_model_state(net, ck, cfg)
+    mean = (ck.get('averager') or {}).get('avg')
+    if mean:   # NT-ASGD had begun: the run evaluated the running mean, so this is the model
+        for p, m in zip(net.parameters(), mean):
+            p.data.copy_(m)
+        env.log("weights: NT-ASGD's running mean, as the run evaluated them")
     net.to(env.device).eval()
     if cfg['embed_cache']:
         E.use_embed_cache(net, env.log)

@@ -404,6 +404,9 @@ def test_nt_asgd_starts_when_validation_stalls(data_root, cache, tmp_path, capsy
     assert ck['averager']['count'] == 30 - evals[trigger][0] + 1    # started, then once a step
     best = torch.load(tmp_path / 'best.pt', weights_only=True)
     names = [n for n, _ in build.model(ck['config'], 10000).named_parameters()]
+    again, _ = run(['--eval-only', '--resume', tmp_path / 'ckpt.pt', '--device', 'cpu',
+                    '--data-dir', data_root, '--cache-dir', cache], capsys)   # the mean, too
+    assert again['valid_ppl'] == pytest.approx(evals[-1][1], rel=1e-9)
     if best['train']['step'] == 30:   # the last evaluation was the best: best.pt holds the mean
         for name, mean in zip(names, ck['averager']['avg']):
             assert torch.equal(best['model'][name], mean), name
