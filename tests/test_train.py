@@ -241,6 +241,24 @@ def test_resume_is_bitwise_exact(data_root, cache, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_across_nt_asgds_start_is_bitwise_exact(data_root, cache, tmp_path, capsys):
+    """Stopped at step 10, before validation stalls (step 12 here): the resumed run must start
+    averaging at the same evaluation, from the validation history it carries, and end with
+    the same weights and the same running mean."""
+    args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--asgd', 'True',
+                        '--nonmono', '1', '--eval-interval', '2']
+    _, out = run(args + ['--max-iters', '20', '--out-dir', tmp_path / 'a'], capsys)
+    run(args + ['--max-iters', '10', '--out-dir', tmp_path / 'b'])
+    _, resumed = run(args + ['--max-iters', '20', '--resume', tmp_path / 'b'], capsys)
+    assert 'NT-ASGD' not in out.split('eval | step 10 ')[0] and 'NT-ASGD' in resumed
+    a, b = (torch.load(tmp_path / r / 'ckpt.pt', weights_only=True) for r in 'ab')
+    assert a['averager']['count'] == b['averager']['count'] > 1
+    for x, y in zip(a['averager']['avg'], b['averager']['avg']):
+        assert torch.equal(x, y)
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, cache, tmp_path, capsys):
     args = TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path]
     run(args + ['--max-iters', '2'])
