@@ -59,6 +59,9 @@ def final(cfg, env, model, corpus, eval_batches, step):
                 res[f'{split}_bleu'] = bleu(cfg, env, model, corpus, split)
     env.log('final | ' + ' | '.join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in res.items())
             + f' | {time.time() - t0:.1f} s')
+    if cfg['eval_max_tokens']:   # a quick run's numbers must not pass for the splits' own
+        env.log(f"note: scored on the first {cfg['eval_max_tokens']:,} tokens of each split "
+                f"(--eval-max-tokens), not on the whole splits")
     env.metrics(step=step, final=True, **res)
     return res
 

@@ -110,7 +110,7 @@ DEFAULTS = dict(
     max_epochs=None, max_iters=None,   # stop at whichever comes first
     # --- logging, evaluation, checkpoints
     log_interval=50, eval_interval=None,   # steps (eval None or 0: each epoch; the last always)
-    eval_max_tokens=None,     # cap tokens per validation pass (None: the whole split)
+    eval_max_tokens=None,     # cap tokens per valid/test pass, final included (None: whole)
     eval_only=False, count_params=False,
     resume=None,              # a checkpoint or its folder: continue it with its own settings
     save=True,                # checkpoints (metrics.jsonl is always written)

@@ -414,6 +414,7 @@ def test_nt_asgd_starts_when_validation_stalls(data_root, cache, tmp_path, capsy
     evals = [(r['step'], r['val_ppl']) for r in rows if 'val_ppl' in r and not r.get('final')]
     ppl = [v for _, v in evals]
     trigger = next(i for i in range(2, len(ppl)) if ppl[i] > min(ppl[:i - 1]))
+    assert 'note: scored on the first 2,000 tokens of each split' in out   # TINY_LSTM's cap
     lines = [ln for ln in out.splitlines() if ln.startswith(('eval |', 'NT-ASGD'))]
     start = lines.index(next(ln for ln in lines if ln.startswith('NT-ASGD')))
     assert start == trigger + 1 and lines[start - 1].startswith(f'eval | step {evals[trigger][0]} ')
