@@ -393,8 +393,10 @@ def train(cfg, env):
         avg.update()
         st['step'], st['tokens'] = st['step'] + 1, st['tokens'] + batch.tokens * env.world
         n_steps, tokens = n_steps + 1, tokens + batch.tokens * env.world
-        # a line every log_interval steps, and at least once a minute on slow machines
-        if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1 or time.time() - t0 > 60:
+        # a line every log_interval steps, and at least once a minute on one slow machine (not
+        # under DDP: ranks' clocks could disagree on the step, and the all-reduce would hang)
+        if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1 or (
+                env.world == 1 and time.time() - t0 > 60):
             if env.world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             train_loss, dt, done = loss_sum.item() / n_steps, time.time() - t0, share_done()

@@ -482,6 +482,32 @@ def test_ddp_two_processes_equal_one(model, data_root, cache, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
 
 
+def test_ddp_ranks_log_at_the_same_steps_whatever_their_clocks(data_root, cache, tmp_path):
+    """Rank 1's clock jumps a minute at every reading. Were the once-a-minute log line decided
+    per rank, rank 1's loss all-reduce would meet rank 0's gradient all-reduce and fail."""
+    site = tmp_path / 'site'
+    site.mkdir()
+    (site / 'sitecustomize.py').write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    real, reads = time.time, [0]\n"
+        "    def ahead():\n"
+        "        reads[0] += 1\n"
+        "        return real() + 61 * reads[0]\n"
+        "    time.time = ahead\n")
+    args = [str(a) for a in TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache]]
+    i = args.index('--n')
+    args[i:i + 2] = [f'n={args[i + 1]}']                       # torchrun would take --n
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([str(site), os.environ.get('PYTHONPATH', '')]))
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                        '--nproc_per_node=2', str(ROOT / 'train.py')] + args +
+                       ['--max-iters', '6', '--log-interval', '1000', '--out-dir', str(tmp_path / 'r')],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert [ln.split('|')[0].split()[1] for ln in r.stdout.splitlines() if ln.startswith('step ')] == ['1/6']
+
+
 def test_ddp_resume_is_bitwise_exact(data_root, cache, tmp_path):
     """Two gloo ranks, dropout and variable lengths on: 24 steps at once equal 4 steps and a
     resume, and equal a run whose rank was killed mid-run and resumed from its last checkpoint
