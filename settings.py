@@ -115,6 +115,9 @@ def check(cfg, defaults, choices):   # one clear line for a value that would fai
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be 0 or more")
     if cfg['max_epochs'] is not None and cfg['max_epochs'] <= 0:
         sys.exit(f"error: --max-epochs {cfg['max_epochs']!r} must be above 0")
+    if cfg['schedule'] == 'cosine' and not cfg['max_iters']:   # else it ends after one step
+        sys.exit("error: --schedule cosine decays over --max-iters steps: set --max-iters, or "
+                 "use --schedule constant or step with --max-epochs")
     for key in PROBABILITY:
         if not (isinstance(cfg[key], (int, float)) and 0 <= cfg[key] < 1):
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be at least 0 and below 1")
