@@ -475,6 +475,9 @@ def main(argv=None):
         return count_only(cfg)
     if cfg['eval_only'] and not cfg['resume']:
         sys.exit("error: --eval-only needs --resume CHECKPOINT")
+    if cfg['embed_cache'] and not cfg['eval_only']:   # training needs the unit itself
+        sys.exit("error: --embed-cache swaps a trained unit for its table: use it with --eval-only "
+                 "--resume CHECKPOINT, or sample.py --embed-cache")
     env = setup(cfg)
     env.log('settings: ' + ' '.join(f'{k}={v!r}' for k, v in cfg.items() if v != DEFAULTS[k]))
     try:
