@@ -33,7 +33,8 @@ POSITIVE = ('batch_size', 'micro_batch', 'bptt', 'd_model', 'n', 'k', 'm', 'dept
             'test_batch_size', 'eval_max_tokens', 'beam', 'log_interval', 'save_interval',
             'max_iters', 'eval_tgt_len', 'max_vocab', 'factor', 'out_factor', 'nonmono')
 NONNEGATIVE = ('lr', 'grad_clip', 'weight_decay', 'warmup', 'min_lr', 'alpha', 'beta',
-               'eval_mem_len', 'bucket', 'eval_interval')   # 0: off
+               'eval_mem_len', 'bucket', 'eval_interval', 'avg_last', 'mem_len', 'max_len_b',
+               'lr_decay', 'lenpen')   # 0: off, or none
 # the settings whose default is None: what each takes when it is set
 OPTIONAL = dict(vocab_size=((int, list, tuple), 'a whole number (translation: a pair)'),
                 embed_scale=((int, float), 'a number'), max_epochs=((int, float), 'a number'),
@@ -115,6 +116,8 @@ def check(cfg, defaults, choices):   # one clear line for a value that would fai
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be 0 or more")
     if cfg['max_epochs'] is not None and cfg['max_epochs'] <= 0:
         sys.exit(f"error: --max-epochs {cfg['max_epochs']!r} must be above 0")
+    if cfg['avg_last'] and not cfg['save']:
+        sys.exit("error: --avg-last averages the run's saved checkpoints: it needs --save True")
     if cfg['schedule'] == 'cosine' and not cfg['max_iters']:   # else it ends after one step
         sys.exit("error: --schedule cosine decays over --max-iters steps: set --max-iters, or "
                  "use --schedule constant or step with --max-epochs")

@@ -116,6 +116,7 @@ def test_help_lists_every_setting(capsys):
     (['--label-smoothing', '1'], "--label-smoothing 1 must be"),
     (['--grad-clip', '-1'], "--grad-clip -1 must be 0 or more"),
     (['--nonmono', '0'], "--nonmono 0 must be a positive whole number"),
+    (['--model', 'nmt', '--avg-last', '5', '--save', 'False'], "--avg-last averages the run's saved"),
     (['--embed-cache', 'True', '--data-dir', '/nonexistent'], "--embed-cache swaps a trained unit"),
     (['--config', 'ptb_awd_lstm', '--schedule', 'cosine'], "--schedule cosine decays over --max-iters"),
     (['--lr', '-0.5'], "--lr -0.5 must be 0 or more"),
