@@ -496,3 +496,9 @@ if __name__ == '__main__':
         sys.exit(130)             # as the loop's: a stopped run, not a failed one
     except (D.DataError, ValueError) as e:     # bad input: the message names the fix
         sys.exit(f"error: {e}")
+    except RuntimeError as e:   # torch.OutOfMemoryError on a GPU; the CPU allocator's own error
+        if 'out of memory' not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        sys.exit(f"error: out of memory ({str(e).splitlines()[0][:200]}); checkpoints already "
+                 f"written are intact. Lower --batch-size or --bptt (language models) or "
+                 f"--max-tokens (translation), or keep the batch with --micro-batch / --batch-tokens")

@@ -377,6 +377,25 @@ def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path, sig):
     assert step >= 3 and f'interrupted at step {step}' in out
 
 
+def test_out_of_memory_is_one_line_that_names_the_fix(data_root, cache, tmp_path):
+    """The optimizer's first step runs out of memory (raised as a GPU would): one error line,
+    no traceback, a non-zero exit."""
+    site = tmp_path / 'site'
+    site.mkdir()
+    (site / 'sitecustomize.py').write_text(
+        "import torch\n"
+        "def full(self, *a, **k):\n"
+        "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
+        "torch.optim.SGD.step = full\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get('PYTHONPATH', '')]))
+    r = subprocess.run([sys.executable, str(ROOT / 'train.py')] + [str(a) for a in TINY_LSTM] +
+                       ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path / 'r',
+                        '--max-iters', '3'], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith('error: out of memory (CUDA out of memory.')
+    assert 'Lower --batch-size or --bptt' in r.stderr
+
+
 def test_ctrl_c_outside_the_loop_exits_as_a_stopped_run(data_root, cache, tmp_path):
     """Ctrl-C during set-up (before the loop's handler) exits 130 too, with one line and no
     traceback: a job runner tells a stopped run from a failed one by that code."""
