@@ -116,6 +116,11 @@ def check(cfg, defaults, choices):   # one clear line for a value that would fai
             sys.exit(f"error: --{key.replace('_', '-')} {cfg[key]!r} must be 0 or more")
     if cfg['max_epochs'] is not None and cfg['max_epochs'] <= 0:
         sys.exit(f"error: --max-epochs {cfg['max_epochs']!r} must be above 0")
+    if cfg['eval_only'] and not cfg['resume']:
+        sys.exit("error: --eval-only needs --resume CHECKPOINT")
+    if cfg['embed_cache'] and not cfg['eval_only']:   # training needs the unit itself
+        sys.exit("error: --embed-cache swaps a trained unit for its table: use it with --eval-only "
+                 "--resume CHECKPOINT, or sample.py --embed-cache")
     if cfg['avg_last'] and not cfg['save']:
         sys.exit("error: --avg-last averages the run's saved checkpoints: it needs --save True")
     if cfg['schedule'] == 'cosine' and not cfg['max_iters']:   # else it ends after one step

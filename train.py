@@ -473,11 +473,6 @@ def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
     if cfg['count_params']:
         return count_only(cfg)
-    if cfg['eval_only'] and not cfg['resume']:
-        sys.exit("error: --eval-only needs --resume CHECKPOINT")
-    if cfg['embed_cache'] and not cfg['eval_only']:   # training needs the unit itself
-        sys.exit("error: --embed-cache swaps a trained unit for its table: use it with --eval-only "
-                 "--resume CHECKPOINT, or sample.py --embed-cache")
     env = setup(cfg)
     env.log('settings: ' + ' '.join(f'{k}={v!r}' for k, v in cfg.items() if v != DEFAULTS[k]))
     try:

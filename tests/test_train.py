@@ -118,6 +118,7 @@ def test_help_lists_every_setting(capsys):
     (['--nonmono', '0'], "--nonmono 0 must be a positive whole number"),
     (['--model', 'nmt', '--avg-last', '5', '--save', 'False'], "--avg-last averages the run's saved"),
     (['--embed-cache', 'True', '--data-dir', '/nonexistent'], "--embed-cache swaps a trained unit"),
+    (['--eval-only', 'True'], "--eval-only needs --resume CHECKPOINT"),
     (['--config', 'ptb_awd_lstm', '--schedule', 'cosine'], "--schedule cosine decays over --max-iters"),
     (['--lr', '-0.5'], "--lr -0.5 must be 0 or more"),
     (['--max-iters', '0'], "--max-iters 0 must be a positive whole number"),
