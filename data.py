@@ -39,11 +39,13 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import urllib.request
 import zipfile
 import zlib
 from array import array
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
@@ -617,9 +619,18 @@ def lm_corpus(name, data_dir=None, cache_dir=None, download=True, bpe_vocab=None
         return LMCorpus(name, _read_vocab(out / 'vocab.txt'), *(np.load(out / f'{s}.npy') for s in SPLITS),
                         np.load(out / 'counts.npy'), **kw)
     if (corpus := _cached(out, load)) is None:
-        _build_lm(paths, out) if bpe_vocab is None else _build_bpe(paths, bpe_vocab, out)
+        with _once(name, out):
+            _build_lm(paths, out) if bpe_vocab is None else _build_bpe(paths, bpe_vocab, out)
         corpus = load(out)
     return corpus
+
+
+@contextmanager
+def _once(name, out):   # tokenizing WikiText-103 or WMT'14 takes minutes: say what is going on
+    t0 = time.time()
+    print(f'tokenizing {name} (once: cached in {out})...', file=sys.stderr, flush=True)
+    yield
+    print(f'tokenized {name} in {time.time() - t0:.1f} s', file=sys.stderr, flush=True)
 
 
 def batchify(tokens, batch_size, rank=0, world_size=1):
@@ -787,7 +798,8 @@ def parallel_corpus(name, src='en', tgt='de', joint_vocab=False, max_vocab=None,
         splits = {s: (sentences(s, 'src'), sentences(s, 'tgt')) for s in spec['splits']}
         return ParallelCorpus(name, src, tgt, src_vocab, tgt_vocab, splits, paths)
     if (corpus := _cached(out, load)) is None:
-        _build_parallel(paths, vocab_files, joint_vocab, max_vocab, min_freq, out)
+        with _once(name, out):
+            _build_parallel(paths, vocab_files, joint_vocab, max_vocab, min_freq, out)
         corpus = load(out)
     return corpus
 
