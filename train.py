@@ -394,7 +394,7 @@ def train(cfg, env):
         st['step'], st['tokens'] = st['step'] + 1, st['tokens'] + batch.tokens * env.world
         n_steps, tokens = n_steps + 1, tokens + batch.tokens * env.world
         # a line every log_interval steps, and at least once a minute on one slow machine (not
-        # under DDP: ranks' clocks could disagree on the step, and the all-reduce would hang)
+        # under DDP: ranks' clocks could disagree on the step, and the all-reduces mismatch)
         if st['step'] % cfg['log_interval'] == 0 or st['step'] == 1 or (
                 env.world == 1 and time.time() - t0 > 60):
             if env.world > 1:
