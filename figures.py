@@ -228,11 +228,12 @@ def architecture(args):
 
 def load_lm(path, device='cpu', **override):
     """(model in eval mode, its TokenIO, settings, env) from a train.py checkpoint (ckpt.pt or
-    best.pt). `override` replaces settings that do not change the weights (data_dir,
+    best.pt, or a run folder: its ckpt.pt). `override` replaces settings that do not change the weights (data_dir,
     eval_max_tokens, ...); env is train.setup's (device, autocast, log)."""
     import build
     import checkpoint
     import train
+    path = checkpoint.file(path)
     ck = checkpoint.load(path)
     cfg = train.checkpoint_config(ck, device=device, embed_cache=False, **override)
     if cfg['model'] == 'nmt':

@@ -281,3 +281,12 @@ def test_approximation_rows_on_a_tiny_model():
     svd = rows[2]
     assert svd['params'] == figures.svd_rank_for(rows[1]['params'], 50, 16) * (50 + 16)
     assert all(math.isfinite(r['ppl']) for r in rows)
+
+
+def test_load_lm_takes_a_run_folder_or_its_checkpoint(tmp_path):
+    model, cfg, _ = tiny_txl('define')
+    (tmp_path / 'run').mkdir()
+    torch.save(dict(model=model.state_dict(), config=cfg), tmp_path / 'run' / 'ckpt.pt')
+    for path in (tmp_path / 'run', tmp_path / 'run' / 'ckpt.pt'):
+        loaded = figures.load_lm(path)[0].state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
