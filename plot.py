@@ -28,7 +28,8 @@ def read(path):
     path = path / 'metrics.jsonl' if path.is_dir() else path
     if not path.exists():
         sys.exit(f"error: {path} not found; pass run folders written by train.py (--out-dir)")
-    lines = read_text(path).splitlines()
+    text = read_text(path)
+    lines = text.splitlines()[:None if text.endswith('\n') else -1]   # not a line still being written
     if path.suffix == '.log':                 # train.py's output: the eval lines
         rows = []
         for line in lines:

@@ -18,6 +18,10 @@ def test_reads_metrics_and_printed_logs_alike(tmp_path):
                    'eval | step 20 | epoch 1 | valid loss 5.014 | ppl 150.50 (best)\n'
                    'eval | step 40 | epoch 2 | valid loss 4.790 | ppl 120.25\n'
                    'final | valid ppl 119.00 | test ppl 110.00 | 2.0 s\n')
+    with open(run / 'metrics.jsonl', 'a') as f:   # a run still writing: its last line is cut
+        f.write('{"step": 60, "val_p')
+    with open(log, 'a') as f:
+        f.write('eval | step 60 | epoch 3 | valid loss 4.1 | pp')
     name_a, a = plot.read(run)
     name_b, b = plot.read(log)
     assert (name_a, name_b) == ('run_a', 'run_b')
