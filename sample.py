@@ -25,6 +25,7 @@ import build
 import checkpoint
 import data as D
 import evaluation as E
+import settings
 import train
 
 
@@ -261,9 +262,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (D.DataError, ValueError) as e:     # bad input: the message names the fix
-        sys.exit(f"error: {e}")
+    settings.run(main, memory_hint=': lower --num-samples or --batch-lines, or use --device cpu')

@@ -207,3 +207,20 @@ def _parser(default):
                 return text
             raise argparse.ArgumentTypeError(f"{text!r} is not a {type(default).__name__}")
     return parse
+
+
+def run(main, interrupted=None, memory_hint=''):
+    """Run an entry point's main() so that bad input, running out of memory and Ctrl-C end with
+    one line and a non-zero exit instead of a traceback (the loop handles its own Ctrl-C)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        if interrupted:
+            print(interrupted, file=sys.stderr)
+        sys.exit(130)               # as the loop's: a stopped run, not a failed one
+    except (data.DataError, ValueError) as e:     # bad input: the message names the fix
+        sys.exit(f"error: {e}")
+    except RuntimeError as e:   # torch.OutOfMemoryError on a GPU; the CPU allocator's own error
+        if 'out of memory' not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        sys.exit(f"error: out of memory ({str(e).splitlines()[0][:200]}){memory_hint}")

@@ -39,7 +39,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import build
 import checkpoint
-import data as D
 import evaluation as E
 import settings
 from define import DeFINE
@@ -483,17 +482,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:   # outside the loop's own handler (set-up, final evaluation)
-        print("interrupted: checkpoints already written are intact (they are written whole or not "
-              "at all)", file=sys.stderr)
-        sys.exit(130)             # as the loop's: a stopped run, not a failed one
-    except (D.DataError, ValueError) as e:     # bad input: the message names the fix
-        sys.exit(f"error: {e}")
-    except RuntimeError as e:   # torch.OutOfMemoryError on a GPU; the CPU allocator's own error
-        if 'out of memory' not in str(e) and "can't allocate memory" not in str(e):
-            raise
-        sys.exit(f"error: out of memory ({str(e).splitlines()[0][:200]}); checkpoints already "
-                 f"written are intact. Lower --batch-size or --bptt (language models) or "
-                 f"--max-tokens (translation), or keep the batch with --micro-batch / --batch-tokens")
+    settings.run(main, "interrupted: checkpoints already written are intact (they are written "
+                       "whole or not at all)",
+                 "; checkpoints already written are intact. Lower --batch-size or --bptt (language "
+                 "models) or --max-tokens (translation), or keep the batch with --micro-batch / "
+                 "--batch-tokens")

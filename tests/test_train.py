@@ -397,6 +397,24 @@ def test_out_of_memory_is_one_line_that_names_the_fix(data_root, cache, tmp_path
     assert 'Lower --batch-size or --bptt' in r.stderr
 
 
+def test_entry_points_turn_bad_input_and_memory_into_one_line():
+    """settings.run, which train.py and sample.py run under: a ValueError or running out of
+    memory is one error line; any other error keeps its traceback."""
+    import settings
+
+    def raising(e):
+        def main():
+            raise e
+        return main
+    with pytest.raises(SystemExit, match="^error: vocab_size=1 must be at least 2$"):
+        settings.run(raising(ValueError('vocab_size=1 must be at least 2')))
+    with pytest.raises(SystemExit, match=r"^error: out of memory \(CUDA out of memory\.\); try less$"):
+        settings.run(raising(torch.OutOfMemoryError('CUDA out of memory.')), memory_hint='; try less')
+    with pytest.raises(RuntimeError, match='shape mismatch'):
+        settings.run(raising(RuntimeError('shape mismatch')))
+    assert settings.run(lambda: 7) == 7
+
+
 def test_ctrl_c_outside_the_loop_exits_as_a_stopped_run(data_root, cache, tmp_path):
     """Ctrl-C during set-up (before the loop's handler) exits 130 too, with one line and no
     traceback: a job runner tells a stopped run from a failed one by that code."""
