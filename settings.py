@@ -6,6 +6,7 @@ or silently. Nothing here is about the method.
 
     settings.load(argv, defaults, choices, default_preset, doc, source) -> the checked settings
     settings.parse(argv, defaults, doc, source) -> {key: value} of the settings given
+    settings.run(main, interrupted, memory_hint) -> main(), its errors as one line
 """
 import argparse
 import ast
