@@ -378,17 +378,23 @@ def test_ctrl_c_finishes_the_step_and_saves(data_root, cache, tmp_path, sig):
     assert step >= 3 and f'interrupted at step {step}' in out
 
 
+def _env_with_sitecustomize(tmp_path, code, **extra):
+    """os.environ for a child Python that runs `code` at start-up (a sitecustomize.py)."""
+    site = tmp_path / 'site'
+    site.mkdir()
+    (site / 'sitecustomize.py').write_text(code)
+    return dict(os.environ, **extra,
+                PYTHONPATH=os.pathsep.join([str(site), os.environ.get('PYTHONPATH', '')]))
+
+
 def test_out_of_memory_is_one_line_that_names_the_fix(data_root, cache, tmp_path):
     """The optimizer's first step runs out of memory (raised as a GPU would): one error line,
     no traceback, a non-zero exit."""
-    site = tmp_path / 'site'
-    site.mkdir()
-    (site / 'sitecustomize.py').write_text(
-        "import torch\n"
-        "def full(self, *a, **k):\n"
-        "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
-        "torch.optim.SGD.step = full\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get('PYTHONPATH', '')]))
+    env = _env_with_sitecustomize(
+        tmp_path, "import torch\n"
+                  "def full(self, *a, **k):\n"
+                  "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
+                  "torch.optim.SGD.step = full\n")
     r = subprocess.run([sys.executable, str(ROOT / 'train.py')] + [str(a) for a in TINY_LSTM] +
                        ['--data-dir', data_root, '--cache-dir', cache, '--out-dir', tmp_path / 'r',
                         '--max-iters', '3'], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
@@ -502,15 +508,20 @@ NO_DROPOUT = dict(lstm=TINY_LSTM + ['--dropout', '0', '--dropouth', '0', '--drop
                                   '--optimizer', 'sgd', '--lr', '0.5', '--grad-clip', '0'])
 
 
+def _for_torchrun(args):
+    """train.py's arguments for torchrun, whose own parser takes --n, --m, --k as abbreviations
+    of its options: those written n=8."""
+    short, args = {'--n', '--m', '--k'}, [str(a) for a in args]
+    return [f'{a[2:]}={args[i + 1]}' if a in short else a for i, a in enumerate(args)
+            if i == 0 or args[i - 1] not in short]
+
+
 @pytest.mark.parametrize("model", ['lstm', 'txl'])
 def test_ddp_two_processes_equal_one(model, data_root, cache, tmp_path):
     # dropouts off: two gloo ranks with half the streams each = one process with all of them
     args = NO_DROPOUT[model] + ['--data-dir', data_root, '--cache-dir', cache, '--max-iters', '6',
                                 '--eval-max-tokens', '200']
-    # torchrun's own parser would take --n or --m for abbreviations of its options: n=8
-    short = {'--n', '--m', '--k'}
-    args = [f'{a[2:]}={args[i + 1]}' if a in short else str(a) for i, a in enumerate(args)
-            if i == 0 or args[i - 1] not in short]
+    args = _for_torchrun(args)
     run(args + ['--out-dir', tmp_path / 'one'])
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
@@ -526,21 +537,15 @@ def test_ddp_two_processes_equal_one(model, data_root, cache, tmp_path):
 def test_ddp_ranks_log_at_the_same_steps_whatever_their_clocks(data_root, cache, tmp_path):
     """Rank 1's clock jumps a minute at every reading. Were the once-a-minute log line decided
     per rank, rank 1's loss all-reduce would meet rank 0's gradient all-reduce and fail."""
-    site = tmp_path / 'site'
-    site.mkdir()
-    (site / 'sitecustomize.py').write_text(
-        "import os, time\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    real, reads = time.time, [0]\n"
-        "    def ahead():\n"
-        "        reads[0] += 1\n"
-        "        return real() + 61 * reads[0]\n"
-        "    time.time = ahead\n")
-    args = [str(a) for a in TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache]]
-    i = args.index('--n')
-    args[i:i + 2] = [f'n={args[i + 1]}']                       # torchrun would take --n
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join([str(site), os.environ.get('PYTHONPATH', '')]))
+    env = _env_with_sitecustomize(
+        tmp_path, "import os, time\n"
+                  "if os.environ.get('RANK') == '1':\n"
+                  "    real, reads = time.time, [0]\n"
+                  "    def ahead():\n"
+                  "        reads[0] += 1\n"
+                  "        return real() + 61 * reads[0]\n"
+                  "    time.time = ahead\n", OMP_NUM_THREADS='1')
+    args = _for_torchrun(TINY_LSTM + ['--data-dir', data_root, '--cache-dir', cache])
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                         '--nproc_per_node=2', str(ROOT / 'train.py')] + args +
                        ['--max-iters', '6', '--log-interval', '1000', '--out-dir', str(tmp_path / 'r')],
@@ -553,10 +558,8 @@ def test_ddp_resume_is_bitwise_exact(data_root, cache, tmp_path):
     """Two gloo ranks, dropout and variable lengths on: 24 steps at once equal 4 steps and a
     resume, and equal a run whose rank was killed mid-run and resumed from its last checkpoint
     (every rank's random state, carried state and data position come back)."""
-    args = [str(a) for a in TINY_LSTM + ['--embed', 'define', '--data-dir', data_root,
-                                         '--cache-dir', cache, '--eval-interval', '4']]
-    i = args.index('--n')
-    args[i:i + 2] = [f'n={args[i + 1]}']                       # torchrun would take --n
+    args = _for_torchrun(TINY_LSTM + ['--embed', 'define', '--data-dir', data_root,
+                                      '--cache-dir', cache, '--eval-interval', '4'])
 
     def torchrun(*extra):
         r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
