@@ -106,7 +106,7 @@ def main():
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
-    fig, ax = plt.subplots(figsize=(7.2, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.6 if args.final else 7.2, 4.5), dpi=120)
     if args.final:
         plot_finals(ax, finals(args.runs))
         args.runs = []
@@ -131,7 +131,10 @@ def main():
         ax.set_ylim(top=args.ymax)
     ax.set_title(args.title)
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=7, title='row: test ppl' if args.final else 'run (last value)', title_fontsize=7)
+    if args.final:   # one entry a row, beside the axes: inside, it would hide the points
+        ax.legend(fontsize=7, title='row: test ppl', title_fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend(fontsize=7, title='run (last value)', title_fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")
