@@ -330,3 +330,82 @@ def test_redesign_speed_rows_match_their_logs():
     assert (f"epoch 2 in {epoch2['ptb_after']} s, the old code {epoch2['ptb_before']} s "
             f"({100 * (float(epoch2['ptb_after']) / float(epoch2['ptb_before']) - 1):+.0f}%") in ptb
     assert f"valid {', '.join(valid['ptb_after'])} against {', '.join(valid['ptb_before'])}" in ptb
+
+WT2_IO_ROWS = {   # README row of Baevski & Auli's rows on WikiText-2 -> its logs in results/
+    '| SM |': 'wt2_io_rows_h100/sm', '| SM-T |': 'wt2_8000/std', '| ASM |': 'wt2_io_rows_h100/asm',
+    '| CNN |': 'wt2_io_rows_h100/cnn', '| ADP |': 'wt2_io_rows_h100/adp_untied', '| ADP-T |': 'wt2_8000/adp',
+    '| BPE |': 'wt2_io_rows_h100/bpe', '| BPE-T |': 'wt2_io_rows_h100/bpe_t',
+    '| DeFINE n 128 (the preset) |': 'wt2_8000/h_drop'}
+BAEVSKI_AULI = {'SM': 24.92, 'BPE': 24.25, 'BPE-T': 23.45, 'SM-T': 23.38, 'ASM': 22.18, 'CNN': 21.79,
+                'ADP': 21.74, 'ADP-T': 20.51}   # their Table 3, test perplexity on WikiText-103
+
+
+def _wt2_io_runs(logs):
+    """[(valid, test, total parameters, training loss)] of seeds 1111 / 2 / 3: per word where
+    the corpus is BPE; the loss the mean of the last five logged, as in the first WT-2 table."""
+    import plot
+    out = []
+    for seed in SEEDS:
+        text = (ROOT / 'results' / f'{logs}_s{seed}.log').read_text()
+        final = plot.final_values(text)
+        word = ' word' if 'test word ppl' in final else ''
+        losses = [float(x) for x in re.findall(r'^step\s+\d+/8000 .*?\| loss ([\d.]+)', text, re.M)]
+        out.append((final[f'valid{word} ppl'], final[f'test{word} ppl'], _total(text), statistics.mean(losses[-5:])))
+    return out
+
+
+@pytest.mark.parametrize("label, logs", WT2_IO_ROWS.items())
+def test_wt2_io_rows_match_their_logs(label, logs):
+    """Every cell of the WikiText-2 table of Baevski & Auli's rows from its logs: parameters,
+    valid and test perplexity (per word only for the BPE rows), per-seed tests, training loss,
+    seed 3's wall time (walls_s3.txt); each H100 log ran its job row's arguments and seed."""
+    line = _readme_row(label, pipes=10)
+    runs = _wt2_io_runs(logs)
+    valid, test, total, loss = zip(*runs)
+    assert len(set(total)) == 1
+    folder, name = logs.split('/')
+    if folder == 'wt2_io_rows_h100':
+        jobs = dict(l.split(None, 1) for l in (ROOT / 'experiments' / 'wt2_seed_rows.txt').read_text()
+                    .splitlines() if l.strip() and not l.startswith('#'))
+        for seed in SEEDS:
+            first = (ROOT / 'results' / f'{logs}_s{seed}.log').read_text().splitlines()[0]
+            assert f" {shlex.join(shlex.split(jobs[name]))} --seed {seed} " in first, (name, seed)
+        walls = dict(l.split() for l in (ROOT / 'results' / folder / 'walls_s3.txt').read_text().splitlines())
+        time = f"{walls[f'{name}_s3']} s"
+    else:
+        time = '-'
+    assert ('BPE' in label) == ('wikitext-2-bpe' in (ROOT / 'results' / f'{logs}_s1111.log').read_text())
+    cells = [c.strip().strip('*') for c in line.split('|')[4:-1]]
+    assert cells == [f"{total[0] / 1e6:.2f}M", f"{statistics.mean(valid):.2f} ± {statistics.stdev(valid):.2f}",
+                     f"{statistics.mean(test):.2f} ± {statistics.stdev(test):.2f}",
+                     ' / '.join(f"{t:.2f}" for t in test), f"{statistics.mean(loss):.3f}", time]
+
+
+def test_wt2_io_prose_quotes_the_table_and_baevski_auli():
+    """Each 'ROW d ahead of / behind ROW (theirs d' ahead / behind)' of the section: d the
+    difference of the two rows' test means, d' the same in Baevski & Auli's Table 3; and the
+    parameter differences and DeFINE's gaps it quotes."""
+    text = _readme_prose()
+    start = text.index("### Baevski & Auli's input and output layers on WikiText-2")
+    section = text[start:text.index('### ', start + 4)]
+    row = r'([A-Z][A-Z-]*[A-Z])'
+    quotes = re.findall(row + r'(?: is| ends)? ([\d.]+) (ahead of|behind) ' + row +
+                        r' \(theirs ([\d.]+) (ahead|behind)\)', section)
+    assert len(quotes) == 9, quotes
+    runs = {l.strip('| '): _wt2_io_runs(logs) for l, logs in WT2_IO_ROWS.items()}
+    mean = {k: statistics.mean(r[1] for r in v) for k, v in runs.items()}
+    for a, d, side, b, theirs, their_side in quotes:
+        sign = 1 if side == 'behind' else -1
+        assert f"{sign * (mean[a] - mean[b]):.1f}" == d, (a, d, side, b)
+        their = BAEVSKI_AULI[a] - BAEVSKI_AULI[b]
+        assert (their_side == 'behind') == (their > 0) and f"{abs(their):.1f}" == theirs, (a, b)
+    params = {k: v[0][2] for k, v in runs.items()}
+    assert f"with {(params['ASM'] - params['ADP']) / 1e6:.2f}M fewer parameters" in section
+    assert f"though with {(params['SM'] - params['ASM']) / 1e6:.2f}M fewer parameters" in section
+    define = 'DeFINE n 128 (the preset)'
+    assert (f"is {mean[define] - mean['ADP-T']:.1f} behind ADP-T and {mean[define] - mean['SM-T']:.1f} "
+            f"behind SM-T") in section
+    assert (f"helps the word-level rows (by {mean['SM'] - mean['SM-T']:.1f} and "   # the summary
+            f"{mean['ADP'] - mean['ADP-T']:.1f} test points") in text
+    assert f"SM's training loss {statistics.mean(r[3] for r in runs['SM']):.3f} against SM-T's " \
+           f"{statistics.mean(r[3] for r in runs['SM-T']):.3f}" in section
