@@ -6,14 +6,19 @@ best.pt, or the run folder: folder/ckpt.pt) and brings its own settings.
     python sample.py --resume out/best.pt --eval-file my_text.txt      # perplexity, OOV rate
     python sample.py --resume out/ --translate < sentences.en > sentences.de
     python sample.py --resume out/ --translate --keep-tokenized < raw/test_2016_flickr.en > hyp.tok
+    python sample.py --resume out/ --export-table vectors.txt   # every word's input vector
 
 Text goes to stdout, everything else to stderr. The model is built, loaded and evaluated as
 train.py does it (build.py, evaluation.py); --embed-cache swaps DeFINE's input path for its cached table (the
 same outputs). Translation reads raw text: it is tokenized as the training corpus was (Moses,
 escaped, lowercased for Multi30k's tok files) and the output detokenized, unless
 --keep-tokenized (the form of the tok reference files, for sacreBLEU with --tokenize none).
+--export-table writes the vector the model's first layer receives for every vocabulary entry
+(for DeFINE its cached table, the V x m lookup that replaces the unit after training) in
+word2vec's text format, which gensim and most embedding tools read.
 """
 import argparse
+import os
 import re
 import sys
 from itertools import islice
@@ -49,6 +54,8 @@ def get_args(argv):
     a('--keep-tokenized', action='store_true', help='print translations tokenized and escaped')
     a('--batch-lines', type=int, default=16, help='lines translated together (1 at a terminal)')
     a('--verbose', action='store_true', help='unknown words per line')
+    a('--export-table', metavar='FILE', help="write every word's input vector (translation: the "
+                                            "source side's) to FILE, word2vec's text format")
     args = ap.parse_args(argv)
     for key in ('num_samples', 'batch_lines'):
         if getattr(args, key) < 1:
@@ -229,6 +236,35 @@ def translate(model, cfg, env, vocab, args, log):
     log(f"{n_line} lines; {n_unk} of {n_tok} source tokens unknown (translated as <unk>)")
 
 
+@torch.no_grad()
+def export_table(model, cfg, vocab, path, log):
+    """The input path's output for every vocabulary entry, as io.cache() computes it (eval mode,
+    the embedding scale included), in word2vec's text format: a line 'V d', then a line
+    'word v1 ... vd' per entry, in id order. Written whole or not at all."""
+    io, words = (model.src_io, vocab['src']) if cfg['model'] == 'nmt' else (model.io, vocab)
+    if io.cached is None:
+        io.cache()
+    table = io.cached.cpu().numpy()                  # (V, d) float32
+    if any(not w or any(c.isspace() for c in w) for w in words):
+        sys.exit("error: a vocabulary entry is empty or holds white space; word2vec's text "
+                 "format cannot hold it")
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(f'{table.shape[0]} {table.shape[1]}\n')
+            for w, row in zip(words, table):
+                f.write(w + ' ' + ' '.join(f'{v:.6g}' for v in row) + '\n')
+        os.replace(tmp, path)
+    except OSError as e:
+        sys.exit(f"error: cannot write --export-table {path}: {e}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log(f"wrote {path}: {table.shape[0]:,} vectors of {table.shape[1]} "
+        f"({cfg['embed']} input{', the source side' if cfg['model'] == 'nmt' else ''})")
+    return table
+
+
 def main(argv=None):
     args = get_args(argv)
 
@@ -237,6 +273,8 @@ def main(argv=None):
 
     ck, cfg, env, model = load(args, log)
     torch.manual_seed(args.seed)
+    if args.export_table:
+        return export_table(model, cfg, vocabulary(ck, cfg, args, log)[0], args.export_table, log)
     if (cfg['model'] == 'nmt') != args.translate:
         kind = dict(lstm='an AWD-LSTM', txl='a Transformer-XL', nmt='a translation')[cfg['model']]
         sys.exit(f"error: {cfg['resume']} holds {kind} model: " + (

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import build
 import checkpoint
 import nmt
 import sample
@@ -176,6 +177,28 @@ def test_a_bpe_model_reads_and_writes_words(trained, capsys, tmp_path):
     assert 'not in the vocabulary' not in err
     # (the next subword may go on with 'of': an untrained model's word, but a word)
     assert texts[0].startswith('the meaning of') and '\u2581' not in out
+
+
+@pytest.mark.parametrize('kind', ['txl', 'nmt'])
+def test_export_table_holds_each_words_input_vector(kind, trained, capsys, tmp_path):
+    # word2vec's text format, read back by hand: a 'V d' line, then each word and the vector
+    # the unit itself gives it in eval mode (translation: the source side), to 6 digits
+    run_dir = trained(kind)
+    _, _, err = run(['--resume', run_dir, '--export-table', tmp_path / 'vectors.txt'], capsys)
+    lines = (tmp_path / 'vectors.txt').read_text(encoding='utf-8').splitlines()
+    V, d = map(int, lines[0].split())
+    ck = checkpoint.load(run_dir / 'ckpt.pt')
+    words = ck['vocab']['src'] if kind == 'nmt' else ck['words']
+    assert V == len(words) == len(lines) - 1 and d == 32 and f"wrote {tmp_path / 'vectors.txt'}" in err
+    assert [ln.split(' ', 1)[0] for ln in lines[1:]] == words
+    cfg = train.checkpoint_config(ck, device='cpu')
+    model = build.trained(ck, cfg, train.setup(dict(cfg, save=False)))
+    io = model.src_io if kind == 'nmt' else model.io
+    ids = [0, 1, 7, V // 2, V - 1]
+    with torch.no_grad():
+        want = io.embed(torch.tensor(ids))                       # (5, d): the unit, no cache
+    got = torch.tensor([[float(v) for v in lines[1 + i].split()[1:]] for i in ids])
+    assert io.cached is None and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ translation
