@@ -407,5 +407,6 @@ def test_wt2_io_prose_quotes_the_table_and_baevski_auli():
             f"behind SM-T") in section
     assert (f"helps the word-level rows (by {mean['SM'] - mean['SM-T']:.1f} and "   # the summary
             f"{mean['ADP'] - mean['ADP-T']:.1f} test points") in text
-    assert f"SM's training loss {statistics.mean(r[3] for r in runs['SM']):.3f} against SM-T's " \
-           f"{statistics.mean(r[3] for r in runs['SM-T']):.3f}" in section
+    loss = {k: f"{statistics.mean(r[3] for r in v):.3f}" for k, v in runs.items()}
+    assert (f"training loss: SM's {loss['SM']} against SM-T's {loss['SM-T']}, ADP's {loss['ADP']} "
+            f"against ADP-T's {loss['ADP-T']})") in section
