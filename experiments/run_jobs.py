@@ -5,7 +5,9 @@ as NAME_sSEED (the log names plot.py --final groups by), PARALLEL at a time; wit
 daemon running (`nvidia-cuda-mps-control -d`) their kernels share the GPU. Nothing is lost to
 a time limit: at --budget seconds every run still going gets SIGINT, on which train.py writes
 its checkpoint and stops, and the next call resumes it (a run whose log holds its final test is
-skipped). Logs are appended under --runs-dir and copied to --logs; a table is printed last.
+skipped). Logs are appended under --runs-dir and copied to --logs, each call's segment ending
+with '# exited CODE after SECONDS s' (a run's wall time: the sum of its segments); a table is
+printed last.
 
     nvidia-cuda-mps-control -d
     python experiments/run_jobs.py experiments/wt2_n64.txt --parallel 6 --budget 540 \\
@@ -37,6 +39,11 @@ def read_jobs(path, seeds):
                 sys.exit(f"error: {path}:{i}: the row name {name!r} must be letters, digits, _ . = -")
             jobs += [(f'{name}_s{s}', args + ['--seed', str(s)]) for s in seeds]
     return jobs
+
+
+def wall_time(log):
+    """Seconds a run's processes ran, over every call: the sum of its log's 'exited' lines."""
+    return sum(float(t) for t in re.findall(r'^# exited -?\d+ after ([\d.]+) s$', Path(log).read_text(), re.M))
 
 
 def summary(log):
@@ -92,7 +99,7 @@ def main(argv=None):
     def stop(*_):                               # a run stopped by SIGINT writes its checkpoint
         nonlocal stopping
         stopping = True
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             proc.send_signal(signal.SIGINT)
     signal.signal(signal.SIGINT, stop)
     while running or (waiting and not stopping):
@@ -106,7 +113,7 @@ def main(argv=None):
             log.write(f'# {shlex.join(cmd)}\n')
             log.flush()
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True), log)
+                                              start_new_session=True), log, time.time())
             print(f'{time.time() - t0:6.0f} s  start {name}' + (' (resumed)' if resume else ''),
                   flush=True)
         time.sleep(0.5)
@@ -114,8 +121,9 @@ def main(argv=None):
             print(f'{time.time() - t0:6.0f} s  budget reached: checkpointing {len(running)} runs',
                   flush=True)
             stop()
-        for name, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
+        for name, (proc, log, started) in list(running.items()):
+            if proc.poll() is not None:   # the segment's wall time, for the tables' time column
+                log.write(f'# exited {proc.returncode} after {time.time() - started:.0f} s\n')
                 log.close()
                 codes[name] = proc.returncode
                 del running[name]
@@ -125,7 +133,7 @@ def main(argv=None):
         for name, _ in jobs:
             if (runs / f'{name}.log').exists():
                 shutil.copy(runs / f'{name}.log', Path(a.logs) / f'{name}.log')
-    print(f'\n{"run":<28} {"state":<12} {"step":>6} {"valid ppl":>10} {"test ppl":>9}')
+    print(f'\n{"run":<28} {"state":<12} {"step":>6} {"valid ppl":>10} {"test ppl":>9} {"wall s":>7}')
     failed = False
     for name, _ in jobs:
         step, valid, test = summary(runs / f'{name}.log')
@@ -134,7 +142,9 @@ def main(argv=None):
         # a run that logged its final test and was then hit by the budget's SIGINT on its way
         # out (exit -2) is done, not failed
         failed |= codes.get(name, 0) not in (0, 130) and test is None
-        print(f'{name:<28} {state:<12} {step or "-":>6} {valid or "-":>10} {test or "-":>9}')
+        wall = wall_time(runs / f'{name}.log') if (runs / f'{name}.log').exists() else 0
+        print(f'{name:<28} {state:<12} {step or "-":>6} {valid or "-":>10} {test or "-":>9} '
+              f'{f"{wall:.0f}" if wall else "-":>7}')
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
 """experiments/: every job row is a valid train.py command, and run_jobs.py stops runs at its
 budget so that the next call resumes them, skips finished runs, and reports each."""
+import re
 import subprocess
 import sys
 import textwrap
@@ -76,6 +77,12 @@ def test_queue_stops_at_the_budget_resumes_and_skips_finished_runs(tmp_path, cap
     log = (runs / 'rowa_s1.log').read_text()      # both calls' output, the second a resume
     assert f'interrupted at step {first}' in log and f'--resume {runs / "rowa_s1"}' in log
     assert f'eval | step {first + 1} |' in log[log.index('--resume'):]
+    # each call's segment ends with its wall time: stopped at the budget, then the rest; the
+    # fake's 30 steps sleep 0.1 s each
+    segments = [(int(c), float(t)) for c, t in re.findall(r'^# exited (-?\d+) after ([\d.]+) s$', log, re.M)]
+    assert [c for c, _ in segments] == [130, 0] and segments[0][1] >= 1
+    assert run_jobs.wall_time(runs / 'rowa_s1.log') == sum(t for _, t in segments) >= 2
+    assert re.search(rf'rowa_s1 +done +30 +88.0 +80.3 +{sum(t for _, t in segments):.0f}\n', out)
 
     assert run_jobs.main([str(jobs)] + common) == 0
     assert '4 finished already, 0 to run' in capsys.readouterr().out
