@@ -62,6 +62,8 @@ def get_args(argv):
             ap.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         ap.error('--max-new-tokens, --temperature and --top-k cannot be negative')
+    if args.export_table and (args.translate or args.eval_file):
+        ap.error('--export-table is a task of its own: run it without --translate or --eval-file')
     return args
 
 

@@ -199,6 +199,9 @@ def test_export_table_holds_each_words_input_vector(kind, trained, capsys, tmp_p
         want = io.embed(torch.tensor(ids))                       # (5, d): the unit, no cache
     got = torch.tensor([[float(v) for v in lines[1 + i].split()[1:]] for i in ids])
     assert io.cached is None and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):   # one task a call
+        sample.get_args(['--resume', str(run_dir), '--export-table', 'v.txt', '--eval-file', 'f.txt'])
+    assert '--export-table is a task of its own' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ translation
