@@ -122,3 +122,12 @@ def test_queue_reports_a_failed_run_and_a_bad_job_file(tmp_path, capsys):
     r = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'run_jobs.py'), 'missing.txt'],
                        capture_output=True, text=True)
     assert r.returncode == 2 and 'no job file missing.txt' in r.stderr
+
+
+def test_compile_probe_reports_a_variant_stopped_at_its_limit(capsys):
+    import compile_probe
+    times, status = compile_probe.probe('nopad', timeout=1)   # a cold compile takes far longer
+    assert times == [] and status == 'stopped at 1 s'
+    with pytest.raises(SystemExit):
+        compile_probe.main(['--variants', 'fast,bogus'])
+    assert '--variants: bogus unknown' in capsys.readouterr().err
