@@ -55,22 +55,24 @@ def _test_ppl(log):    # the test perplexity of a log's final line, as printed
     return re.search(r'^final \| .*test ppl ([\d.]+)', log, re.M).group(1)
 
 
-def _runs(row):
+def _runs(logs):
+    """[(valid, test, total parameters, training loss)] of seeds 1111 / 2 / 3 of results/LOGS_sSEED.log:
+    per word where the corpus is BPE; the loss the mean of the last five logged values."""
+    import plot
     out = []
     for seed in SEEDS:
-        text = (ROOT / 'results' / 'wt2_8000' / f'{row}_s{seed}.log').read_text()
-        valid, test = map(float, re.search(r'^final \| valid ppl ([\d.]+) \| test ppl ([\d.]+)',
-                                           text, re.M).groups())
-        total = _total(text)
+        text = (ROOT / 'results' / f'{logs}_s{seed}.log').read_text()
+        final = plot.final_values(text)
+        word = ' word' if 'test word ppl' in final else ''
         losses = [float(x) for x in re.findall(r'^step\s+\d+/8000 .*?\| loss ([\d.]+)', text, re.M)]
-        out.append((valid, test, total, statistics.mean(losses[-5:])))
+        out.append((final[f'valid{word} ppl'], final[f'test{word} ppl'], _total(text), statistics.mean(losses[-5:])))
     return out
 
 
 @pytest.mark.parametrize("label, row", ROWS.items())
 def test_wt2_table_matches_its_logs(label, row):
     line = _readme_row(label)
-    runs = _runs(row)
+    runs = _runs(f'wt2_8000/{row}')
     valid, test, total, loss = zip(*runs)
     assert len(set(total)) == 1
     want = [f"{total[0] / 1e6:.2f}M",
@@ -89,7 +91,7 @@ def test_wt2_table_matches_its_logs(label, row):
 def test_wt2_gaps_quoted_in_prose_match_the_logs():
     """Every difference the summary and the Results prose quote between WikiText-2 rows: the
     means of the three seeds' test perplexities, from the logs."""
-    m = {row: statistics.mean(r[1] for r in _runs(row))
+    m = {row: statistics.mean(r[1] for r in _runs(f'wt2_8000/{row}'))
          for row in ('std', 'adp', 'proj128', 'proj64', 'def128', 'delight128', 'def64', 'h_drop')}
     gap = lambda a, b: f"{m[a] - m[b]:.1f}"   # noqa: E731
     text = _readme_prose()
@@ -340,27 +342,13 @@ BAEVSKI_AULI = {'SM': 24.92, 'BPE': 24.25, 'BPE-T': 23.45, 'SM-T': 23.38, 'ASM':
                 'ADP': 21.74, 'ADP-T': 20.51}   # their Table 3, test perplexity on WikiText-103
 
 
-def _wt2_io_runs(logs):
-    """[(valid, test, total parameters, training loss)] of seeds 1111 / 2 / 3: per word where
-    the corpus is BPE; the loss the mean of the last five logged, as in the first WT-2 table."""
-    import plot
-    out = []
-    for seed in SEEDS:
-        text = (ROOT / 'results' / f'{logs}_s{seed}.log').read_text()
-        final = plot.final_values(text)
-        word = ' word' if 'test word ppl' in final else ''
-        losses = [float(x) for x in re.findall(r'^step\s+\d+/8000 .*?\| loss ([\d.]+)', text, re.M)]
-        out.append((final[f'valid{word} ppl'], final[f'test{word} ppl'], _total(text), statistics.mean(losses[-5:])))
-    return out
-
-
 @pytest.mark.parametrize("label, logs", WT2_IO_ROWS.items())
 def test_wt2_io_rows_match_their_logs(label, logs):
     """Every cell of the WikiText-2 table of Baevski & Auli's rows from its logs: parameters,
     valid and test perplexity (per word only for the BPE rows), per-seed tests, training loss,
     seed 3's wall time (walls_s3.txt); each H100 log ran its job row's arguments and seed."""
     line = _readme_row(label, pipes=10)
-    runs = _wt2_io_runs(logs)
+    runs = _runs(logs)
     valid, test, total, loss = zip(*runs)
     assert len(set(total)) == 1
     folder, name = logs.split('/')
@@ -392,7 +380,7 @@ def test_wt2_io_prose_quotes_the_table_and_baevski_auli():
     quotes = re.findall(row + r'(?: is| ends)? ([\d.]+) (ahead of|behind) ' + row +
                         r' \(theirs ([\d.]+) (ahead|behind)\)', section)
     assert len(quotes) == 9, quotes
-    runs = {l.strip('| '): _wt2_io_runs(logs) for l, logs in WT2_IO_ROWS.items()}
+    runs = {l.strip('| '): _runs(logs) for l, logs in WT2_IO_ROWS.items()}
     mean = {k: statistics.mean(r[1] for r in v) for k, v in runs.items()}
     for a, d, side, b, theirs, their_side in quotes:
         sign = 1 if side == 'behind' else -1
