@@ -42,8 +42,11 @@ def read_jobs(path, seeds):
 
 
 def wall_time(log):
-    """Seconds a run's processes ran, over every call: the sum of its log's 'exited' lines."""
-    return sum(float(t) for t in re.findall(r'^# exited -?\d+ after ([\d.]+) s$', Path(log).read_text(), re.M))
+    """Seconds a run's processes ran, over every call: the sum of its log's 'exited' lines
+    (0 for a run not started)."""
+    log = Path(log)
+    text = log.read_text() if log.exists() else ''
+    return sum(float(t) for t in re.findall(r'^# exited -?\d+ after ([\d.]+) s$', text, re.M))
 
 
 def summary(log):
@@ -142,7 +145,7 @@ def main(argv=None):
         # a run that logged its final test and was then hit by the budget's SIGINT on its way
         # out (exit -2) is done, not failed
         failed |= codes.get(name, 0) not in (0, 130) and test is None
-        wall = wall_time(runs / f'{name}.log') if (runs / f'{name}.log').exists() else 0
+        wall = wall_time(runs / f'{name}.log')
         print(f'{name:<28} {state:<12} {step or "-":>6} {valid or "-":>10} {test or "-":>9} '
               f'{f"{wall:.0f}" if wall else "-":>7}')
     return 1 if failed else 0
