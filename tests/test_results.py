@@ -4,10 +4,14 @@ printed output, so that the README cannot drift from what was measured."""
 import re
 import shlex
 import statistics
+import sys
 
 import pytest
 
 from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / 'experiments'))
+import run_jobs   # noqa: E402
 
 ROWS = {   # README row (its start) -> log name in results/wt2_8000/ (ROW_sSEED.log)
     '| standard | 256 |': 'std', '| projective | 128 |': 'proj128', '| projective | 64 |': 'proj64',
@@ -337,7 +341,9 @@ WT2_IO_ROWS = {   # README row of Baevski & Auli's rows on WikiText-2 -> its log
     '| SM |': 'wt2_io_rows_h100/sm', '| SM-T |': 'wt2_8000/std', '| ASM |': 'wt2_io_rows_h100/asm',
     '| CNN |': 'wt2_io_rows_h100/cnn', '| ADP |': 'wt2_io_rows_h100/adp_untied', '| ADP-T |': 'wt2_8000/adp',
     '| BPE |': 'wt2_io_rows_h100/bpe', '| BPE-T |': 'wt2_io_rows_h100/bpe_t',
-    '| DeFINE n 128 (the preset) |': 'wt2_8000/h_drop'}
+    '| DeFINE n 128 (the preset) |': 'wt2_8000/h_drop', '| DeFINE n 64 (the preset) |': 'wt2_io_rows_h100/drop64',
+    '| DeFINE n 128, adaptive map |': 'wt2_io_rows_h100/adpdef128',
+    '| DeFINE n 64, adaptive map |': 'wt2_io_rows_h100/adpdef64'}
 BAEVSKI_AULI = {'SM': 24.92, 'BPE': 24.25, 'BPE-T': 23.45, 'SM-T': 23.38, 'ASM': 22.18, 'CNN': 21.79,
                 'ADP': 21.74, 'ADP-T': 20.51}   # their Table 3, test perplexity on WikiText-103
 
@@ -360,6 +366,8 @@ def test_wt2_io_rows_match_their_logs(label, logs):
             assert f" {shlex.join(shlex.split(jobs[name]))} --seed {seed} " in first, (name, seed)
         walls = dict(l.split() for l in (ROOT / 'results' / folder / 'walls_s3.txt').read_text().splitlines())
         time = f"{walls[f'{name}_s3']} s"
+        exited = run_jobs.wall_time(ROOT / 'results' / f'{logs}_s3.log')   # 0: a log from before
+        assert exited in (0, float(walls[f'{name}_s3'])), (name, exited)  # run_jobs wrote the lines
     else:
         time = '-'
     assert ('BPE' in label) == ('wikitext-2-bpe' in (ROOT / 'results' / f'{logs}_s1111.log').read_text())
@@ -393,6 +401,11 @@ def test_wt2_io_prose_quotes_the_table_and_baevski_auli():
     define = 'DeFINE n 128 (the preset)'
     assert (f"is {mean[define] - mean['ADP-T']:.1f} behind ADP-T and {mean[define] - mean['SM-T']:.1f} "
             f"behind SM-T") in section
+    adp128, adp64, d64 = 'DeFINE n 128, adaptive map', 'DeFINE n 64, adaptive map', 'DeFINE n 64 (the preset)'
+    assert f"At n 64 it is {mean[d64] - mean[define]:.1f} behind n 128" in section
+    assert (f"{mean[adp128] - mean[define]:.1f} behind DeFINE over the standard map at n 128, "
+            f"{mean[adp64] - mean[d64]:.1f} at n 64, and {mean[adp128] - mean['ADP-T']:.1f} behind ADP-T") in section
+    assert f"as the paper pairs them, ends {mean[adp128] - mean['ADP-T']:.1f} behind the adaptive input alone" in text
     assert (f"helps the word-level rows (by {mean['SM'] - mean['SM-T']:.1f} and "   # the summary
             f"{mean['ADP'] - mean['ADP-T']:.1f} test points") in text
     loss = {k: f"{statistics.mean(r[3] for r in v):.3f}" for k, v in runs.items()}
