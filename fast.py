@@ -18,7 +18,8 @@ compiled(module, model, shapes='fixed')
       static, and the recompile limit (8) is raised so that none falls back to eager; 'vary'
       (translation without buckets: a new shape most steps): dynamic shapes from the second
       shape on, with inductor's coalescing analysis off, since torch 2.11's fails an
-      assertion there (tiling_utils.get_pw_red_splits);
+      assertion there (tiling_utils.get_pw_red_splits). On a CPU only: on a GPU that
+      compile did not finish in minutes (PERF.md), and train.py refuses it;
     - the full softmax's NLL (define.softmax_nll, F.cross_entropy) is replaced by the same
       value written out, logsumexp(z) - z_t: inductor fuses it into one pass over the logits
       and keeps only them and their log-sum-exp for the backward, where F.cross_entropy
@@ -36,8 +37,10 @@ graphed_step(model, env, accum, compile_it, shape) -> step(x, y, state) or None
       with the tokens, run outside the graphs. Eager, they take the batch on the host, so
       DeFINE's distinct tokens and the softmax's cluster sizes are found there (define.TokenIO
       takes host ids) and the host never waits for the GPU. Compiled (--compile), the
-      embedding's input path (map, unit) and the loss are compiled; the loss takes the
-      targets on the GPU, since compiled code that took host tensors made the step slower. With
+      embedding's input path (map, unit) and the loss are compiled; the input path takes
+      DeFINE's distinct ids padded to a multiple of 512 rows (padded_rows), so that a few
+      fixed counts compile statically; the loss takes the targets on the GPU, since compiled
+      code that took host tensors made the step slower. With
       several GPUs the step does not go through DDP's forward, so its hooks never fire: one
       all-reduce averages the gradients after the backward instead.
     Dropout masks are drawn inside the graphs from the CUDA generator, which every replay
@@ -48,6 +51,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import define
+
+DISTINCT_ROWS = 512   # padded_rows' multiple (a 60 x 150 WikiText-103 batch: ~4,300 distinct ids)
 
 
 def compiled(module, model, shapes='fixed'):
@@ -204,7 +209,7 @@ class GraphedTrunk:
         self.loss = compiled(model.io.loss, model) if compile_it else model.io.loss
         if compile_it:   # the embedding stays eager around a compiled input path (map, unit),
             # so that DeFINE's distinct tokens are found in the host batch, without a sync
-            model.io._input_path = compiled(model.io._input_path, model)
+            model.io._input_path = padded_rows(compiled(model.io._input_path, model, 'buckets'))
         rng, was = torch.cuda.get_rng_state(), model.training
         ids = torch.zeros(shape, dtype=torch.long)
         model.eval()                                # a full memory to capture with
@@ -238,6 +243,20 @@ class GraphedTrunk:
         if self.world > 1:
             all_reduce_grads(self.model.parameters(), self.world)
         return loss.detach(), mems
+
+
+def padded_rows(input_path, multiple=DISTINCT_ROWS):
+    """TokenIO._input_path for a 1-D list of distinct ids (DeFINE's dedup) padded with id 0 to
+    a multiple of `multiple` rows and cut back after: the count changes every batch, and a
+    few fixed counts compile statically (matmuls padded to aligned widths, as fixed shapes
+    are) where a dynamic count would not. Each row is computed on its own (the unit has no
+    cross-row step), so the padding changes no output and gets no gradient."""
+    def call(ids, drop=0.0):
+        if ids.dim() != 1:
+            return input_path(ids, drop)
+        n = ids.numel()
+        return input_path(F.pad(ids, (0, -n % multiple)), drop)[:n]
+    return call
 
 
 def all_reduce_grads(params, world):

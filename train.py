@@ -209,6 +209,9 @@ class Averager:
 def setup(cfg):
     """Devices, DDP (started by torchrun: RANK and WORLD_SIZE set), autocast, log, metrics."""
     want = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    if want == 'cuda' and cfg['compile'] and cfg['model'] == 'nmt' and not cfg['bucket']:
+        sys.exit("error: --compile True --bucket 0 on a GPU: translation's dynamic-shape compile "
+                 "did not finish in minutes (PERF.md); keep --bucket 8, or drop --compile")
     if want == 'cuda' and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no GPU is visible; use --device cpu")
     rank, world, local_rank = 0, 1, 0

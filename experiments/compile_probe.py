@@ -1,5 +1,6 @@
-"""Where a dynamic-shape compile of translation spends its time: the small Transformer of
-tests/test_fast.py::test_compiled_translation_with_changing_shapes_equals_eager, compiled by
+"""Where a dynamic-shape compile of translation spends its time: the small Transformer that
+tests/test_fast.py compiles in shape buckets (once a test of shapes='vary' too, removed when
+train.py came to refuse that on a GPU: PERF.md), compiled by
 fast.compiled(shapes='vary') with one inductor option changed per variant, each variant in a
 process of its own (a cold compile) with a time limit. Prints the seconds of each batch shape's
 first forward + backward, the compile included, and a table last.

@@ -624,6 +624,18 @@ def test_nmt_runs_with_every_embedding_and_translates(embed, data_root, cache, t
         assert len(outs[0]) == 2 and outs[1] == outs[0]
 
 
+def test_compiled_translation_without_buckets_is_refused_on_a_gpu():
+    """--compile True --bucket 0 on a GPU: one line naming the fix, before any GPU or data is
+    touched (PERF.md: that compile did not finish in minutes)."""
+    r = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--config', 'multi30k_transformer',
+                        '--device', 'cuda', '--compile', 'True', '--bucket', '0'],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --compile True --bucket 0 on a GPU: translation's "
+                                             "dynamic-shape compile did not finish in minutes (PERF.md); "
+                                             "keep --bucket 8, or drop --compile"]
+
+
 def test_translation_buckets_follow_compile_and_are_stored(data_root, cache, tmp_path):
     """Fixed batch shapes (data.token_batches(bucket=...)) by default only for a compiled
     step; the value is resolved once and stored, so a resumed run keeps its batches."""
