@@ -131,3 +131,30 @@ def test_compile_probe_reports_a_variant_stopped_at_its_limit(capsys):
     with pytest.raises(SystemExit):
         compile_probe.main(['--variants', 'fast,bogus'])
     assert '--variants: bogus unknown' in capsys.readouterr().err
+
+
+def test_speed_table_runs_each_bench_for_both_codes_and_reports_a_failed_one(tmp_path, capsys):
+    """Two tiny CPU benches (a Transformer-XL and a translation model) for the code here and
+    for --before (here, the same code), and one that fails: every result in the table, the
+    failed one named with its log, exit 1, and nobody waits --wait-s for the failed one."""
+    import time
+    import speed_table
+    tiny = {'lm': '--model txl --embed define --device cpu n_layer=1 d_model=32 n=16 k=64 m=32 '
+                  'd_inner=64 n_head=2 d_head=16 batch_size=4 bptt=8 mem_len=8 vocab_size=500',
+            'mt': '--model nmt --device cpu d_model=32 enc_layers=1 dec_layers=1 d_ff=64 n_head=2 '
+                  'max_tokens=200 vocab_size=300',
+            'bad': '--model nope'}
+    t0 = time.time()
+    rc = speed_table.main(['--rows', 'lm,mt,bad', '--before', str(ROOT), '--steps', '2', '--wait-s', '120',
+                           '--logs', str(tmp_path)] + [f'--row={k}={v} --warmup-steps 1' for k, v in tiny.items()])
+    assert rc == 1 and time.time() - t0 < 60
+    table = capsys.readouterr().out.split('bench.py arguments\n')[1].splitlines()
+    assert [line.split()[:2] for line in table] == [[r, s] for r in ('lm', 'mt', 'bad') for s in ('before', 'now')]
+    for line in table[:4]:
+        ms, tok = line.split()[2:4]
+        assert float(ms) > 0 and int(tok) > 0 and ' True ' in line
+        assert (line.split()[5] == 'nan%') == line.startswith('mt')   # every-matmul MFU: translation's
+    assert all(f"no result (exit 1)  see {tmp_path / f'bad_{s}.log'}" in line for s, line in zip(('before', 'now'), table[4:]))
+    with pytest.raises(SystemExit):
+        speed_table.main(['--before', str(tmp_path)])
+    assert 'no bench.py there' in capsys.readouterr().err
