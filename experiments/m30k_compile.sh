@@ -2,7 +2,7 @@
 # Compiled translation training with shape buckets against eager, each run alone on the GPU:
 # Multi30k's whole preset run (3,000 steps, then the BLEU of beam search), wall time and BLEU.
 #   bash experiments/m30k_compile.sh eager b8       # one GPU command (about 5 min)
-#   bash experiments/m30k_compile.sh b16 b0         # b0: no buckets, dynamic shapes
+#   bash experiments/m30k_compile.sh b16 b4         # (b0, no buckets: train.py refuses it on a GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/m30k}; mkdir -p "$OUT"
