@@ -71,7 +71,7 @@ def load(args, log):
     path = checkpoint.file(args.resume)
     ck = checkpoint.load(path)      # one error line if missing or unreadable
     cfg = train.checkpoint_config(ck, device=args.device, resume=str(path),
-                                  embed_cache=args.embed_cache)
+                                  embed_cache=args.embed_cache, compile=False)   # runs eager
     env = train.setup(cfg)                # device and autocast
     env.log = log                         # stdout holds the text alone
     steps = ck.get('train', {}).get('step', '?')

@@ -626,7 +626,8 @@ def test_nmt_runs_with_every_embedding_and_translates(embed, data_root, cache, t
 
 def test_compiled_translation_without_buckets_is_refused_on_a_gpu():
     """--compile True --bucket 0 on a GPU: one line naming the fix, before any GPU or data is
-    touched (PERF.md: that compile did not finish in minutes)."""
+    touched (PERF.md: that compile did not finish in minutes); not for --eval-only, which
+    runs eager (nor sample.py, which loads with compile=False)."""
     r = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--config', 'multi30k_transformer',
                         '--device', 'cuda', '--compile', 'True', '--bucket', '0'],
                        capture_output=True, text=True, cwd=ROOT)
@@ -634,6 +635,13 @@ def test_compiled_translation_without_buckets_is_refused_on_a_gpu():
     assert r.stderr.strip().splitlines() == ["error: --compile True --bucket 0 on a GPU: translation's "
                                              "dynamic-shape compile did not finish in minutes (PERF.md); "
                                              "keep --bucket 8, or drop --compile"]
+    cfg = dict(train.get_config(['--config', 'multi30k_transformer', '--device', 'cuda', '--compile',
+                                 'True', '--bucket', '0']), eval_only=True)   # evaluation is eager
+    if torch.cuda.is_available():
+        assert train.setup(cfg).device.type == 'cuda'
+    else:   # past the refusal, to the next check
+        with pytest.raises(SystemExit, match='no GPU is visible'):
+            train.setup(cfg)
 
 
 def test_translation_buckets_follow_compile_and_are_stored(data_root, cache, tmp_path):
