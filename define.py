@@ -399,6 +399,18 @@ class AdaptiveSoftmax(nn.Module):
             parts.append(tail + head[:, c0 + i - 1:c0 + i])
         return torch.cat(parts, -1).view(*lead, self.vocab_size)
 
+    def _plan(self, target, ignore_index, device):
+        """(N,) targets -> valid mask, targets (ignored -> 0), cluster of each (0 = head), the
+        order that sorts them by cluster, all on `device`, and the cluster sizes (a list).
+        The sizes are the loss's one host sync, none at all where the targets are on the host."""
+        valid = target != ignore_index
+        target = torch.where(valid, target, 0)
+        band = torch.bucketize(target, torch.tensor(self.bounds[1:-1], device=target.device),
+                               right=True)                      # (N,) cluster, 0 = head
+        order = torch.argsort(band, stable=True)
+        counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
+        return (*(_to(t, device) for t in (valid, target, band, order)), counts)
+
     def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0):
         """Negative log-likelihood of `target` (...,) given h (..., d_hidden): a scalar, or
         (N,) for reduction='none'. target may be on the host (see TokenIO)."""
@@ -412,15 +424,7 @@ class AdaptiveSoftmax(nn.Module):
             return nll.sum() if reduction == 'sum' else nll.sum() / valid.sum()
         if label_smoothing:
             raise ValueError("label smoothing needs a full softmax; pass no cutoffs")
-        valid = target != ignore_index
-        target = torch.where(valid, target, 0)
-        band = torch.bucketize(target, torch.tensor(self.bounds[1:-1], device=target.device),
-                               right=True)                      # (N,) cluster, 0 = head
-        # sort the tokens by cluster and split them by the cluster sizes: the one host sync
-        # of the loss, none at all where the targets are on the host
-        order = torch.argsort(band, stable=True)
-        counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
-        valid, target, band, order = (_to(t, h.device) for t in (valid, target, band, order))
+        valid, target, band, order, counts = self._plan(target, ignore_index, h.device)
         c0 = self.bounds[1]
         head = F.log_softmax(self._logits(h, 0, inp), -1)
         head_idx = torch.where(band == 0, target, c0 + band - 1)

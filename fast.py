@@ -39,8 +39,10 @@ graphed_step(model, env, accum, compile_it, shape) -> step(x, y, state) or None
       takes host ids) and the host never waits for the GPU. Compiled (--compile), the
       embedding's input path (map, unit) and the loss are compiled; the input path takes
       DeFINE's distinct ids padded to a multiple of 512 rows (padded_rows), so that a few
-      fixed counts compile statically; the loss takes the targets on the GPU, since compiled
-      code that took host tensors made the step slower. With
+      fixed counts compile statically. The compiled full softmax takes the targets on the
+      GPU (compiled code that took host tensors made the step slower); the adaptive softmax
+      takes them on the host and plans its clusters there, eagerly (AdaptiveSoftmax._plan
+      runs outside the compiled graphs), so that no step waits for the GPU. With
       several GPUs the step does not go through DDP's forward, so its hooks never fire: one
       all-reduce averages the gradients after the backward instead.
     Dropout masks are drawn inside the graphs from the CUDA generator, which every replay
@@ -66,6 +68,9 @@ def compiled(module, model, shapes='fixed'):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     _one_pass_rows()
     define.softmax_nll = written_out_nll
+    if not hasattr(define.AdaptiveSoftmax._plan, 'eager'):   # host work, run as written
+        define.AdaptiveSoftmax._plan = torch.compiler.disable(define.AdaptiveSoftmax._plan)
+        define.AdaptiveSoftmax._plan.eager = True
     return torch.compile(module, options=options, dynamic=False if shapes == 'buckets' else None)
 
 
@@ -228,13 +233,14 @@ class GraphedTrunk:
 
     def __call__(self, ids, targets, mems):     # ids, targets (T, B) on the host
         if (ids.shape, *(m.shape for m in mems or [])) == self.shapes:
-            if self.compile_it:   # the compiled loss takes its targets on the GPU (PERF.md)
-                targets = targets.to(mems[0].device, non_blocking=True)
+            targets = targets.t().reshape(-1)       # (B * T,), the order of the layers' rows
+            if self.compile_it and self.model.io.out.n_tail == 0:   # the compiled full
+                targets = define._to(targets, mems[0].device)   # softmax: targets on the GPU
             with self.ctx:
                 x = self.model.embed(ids)           # (B, T, d)
             out = self.graphed(x, *mems)
             with self.ctx:
-                loss = self.loss(out[0], targets.t())
+                loss = self.loss(out[0], targets)
             mems = [m.detach() for m in out[1:]]
         else:
             with self.ctx:

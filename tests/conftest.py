@@ -32,7 +32,9 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _define_softmax_nll(monkeypatch):
-    """fast.compiled swaps define.softmax_nll for its written-out twin, for the process: each
-    test starts with define's own."""
+    """fast.compiled swaps define.softmax_nll for its written-out twin and runs
+    AdaptiveSoftmax._plan outside compiled graphs, for the process: each test starts with
+    define's own."""
     import define
     monkeypatch.setattr(define, 'softmax_nll', define.softmax_nll)
+    monkeypatch.setattr(define.AdaptiveSoftmax, '_plan', define.AdaptiveSoftmax._plan)

@@ -79,9 +79,9 @@ def test_graphed_lstm_step_equals_eager(kind):
     assert _max_diff(a, b) < 1e-5
 
 
-def _txl(kind='standard', dropout=0.0, seed=0):
+def _txl(kind='standard', dropout=0.0, seed=0, cutoffs=(50, 150)):
     torch.manual_seed(seed)
-    io = TokenIO(kind, 300, 32, n=16 if kind == 'define' else None, cutoffs=[50, 150], k=64,
+    io = TokenIO(kind, 300, 32, n=16 if kind == 'define' else None, cutoffs=list(cutoffs), k=64,
                  depth=2, dedup=True)
     return TransformerXL(io, n_layer=2, n_head=2, d_head=16, d_inner=64, dropout=dropout,
                          dropatt=dropout, mem_len=16).cuda()
@@ -107,6 +107,23 @@ def test_graphed_trunk_equals_eager(kind):
     got = _sgd_steps(graphed, b, batches)
     assert max(abs(u - v) for u, v in zip(got, want)) < 1e-4, (got, want)
     assert _max_diff(a, b) < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("kind,cutoffs", [('define', (50, 150)), ('standard', ())])
+def test_compiled_graphed_trunk_equals_eager(kind, cutoffs):
+    """--compile's path: the layers compiled and replayed, the input path compiled on DeFINE's
+    padded distinct ids, the loss compiled (an adaptive softmax planning on the host; a full
+    softmax taking its targets on the GPU): the losses and weights of eager steps, float32."""
+    a = _txl(kind, cutoffs=cutoffs)
+    b = copy.deepcopy(a)
+    T, B = 8, 4
+    ids = _zipf(300, (6 * T + 1, B))
+    batches = [(ids[i:i + T], ids[i + 1:i + T + 1]) for i in range(0, 6 * T, T)]
+    want = _sgd_steps(_eager_step(a), a, batches)
+    got = _sgd_steps(fast.graphed_step(b, _env(), 1, True, (T, B)), b, batches)
+    assert max(abs(u - v) for u, v in zip(got, want)) < 1e-3, (got, want)
+    assert _max_diff(a, b) < 1e-3
 
 
 @cuda
@@ -198,6 +215,23 @@ def test_written_out_nll_equals_cross_entropy(eps):
     g = torch.randn(12, dtype=torch.double)
     torch.testing.assert_close(torch.autograd.grad(got, z, g)[0], torch.autograd.grad(want, z, g)[0],
                                rtol=0, atol=1e-12)
+
+
+def test_compiled_adaptive_loss_takes_host_targets():
+    """fast.compiled around an adaptive softmax's loss, its targets on the host (as
+    GraphedTrunk passes them): the clusters are planned eagerly (AdaptiveSoftmax._plan, outside
+    the graphs), and the loss and its gradient equal eager's, for batches whose cluster sizes
+    change (the second compiles them as dynamic sizes)."""
+    io = TokenIO('adaptive', 400, 16, cutoffs=[40, 150], factor=2)
+    loss = fast.compiled(io.loss, io)
+    assert getattr(io.out._plan, 'eager', False)
+    for seed in range(3):
+        h = torch.randn(6, 10, 16, requires_grad=True)
+        y = _zipf(400, (60,), seed)
+        want = io.loss(h, y)
+        got = loss(h, y)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(want, h)[0])
 
 
 def test_padded_distinct_rows_change_no_output_or_gradient():
