@@ -157,6 +157,8 @@ def bench_model(cfg, env, steps, warmup, prof=False):
         tokens = B * T
         flops = flops_per_token(cfg, model) * tokens
         parts = None
+    if dev.type == 'cuda':                  # page-locked host batches, as train.py's
+        data = [(x.pin_memory(), y.pin_memory()) for x, y in data]
     graphed = fast.graphed_step(model, env, 1, cfg['compile'], (T, B)) if cfg['cuda_graphs'] else None
     state, it = [None], [0]
     if cfg['model'] != 'nmt':               # carried state from the start: one compiled graph

@@ -24,8 +24,10 @@ def nll(model, batches, env):
     model.eval()
     total, count, state = 0.0, 0, None
     for x, y, n in batches:
+        if env.device.type == 'cuda':   # from page-locked memory: no wait for the GPU
+            x, y = x.pin_memory(), y.pin_memory()
         with env.ctx:
-            loss, state = model(x.to(env.device, non_blocking=True),   # no wait for the GPU
+            loss, state = model(x.to(env.device, non_blocking=True),
                                 y.to(env.device, non_blocking=True), state)
         total, count = total + loss.float() * n, count + n
     model.train(was_training)

@@ -258,6 +258,8 @@ def accumulation(cfg, world):
 def forward_backward(fwd, x, y, state, env, accum=1):
     """Forward and backward of one micro-batch (x, y on the host) -> (its loss, the state to
     carry on); the gradient is scaled for `accum` micro-batches per step."""
+    if env.device.type == 'cuda':   # from page-locked memory the host does not wait for the
+        x, y = x.pin_memory(), y.pin_memory()   # copies (no-ops where pinned already)
     with env.ctx:
         loss, state = fwd(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True),
                           state)
