@@ -1,7 +1,8 @@
 """The speed issue's report in one GPU command: bench.py's rows for the code here and for a
-copy of earlier code, every bench in a process of its own, compiling in parallel, then timed
-one at a time (an exclusive lock; each waits after its warm-up until all are warm, or until
---wait-s), so that no timed window overlaps another or a compile. A table last.
+copy of earlier code, every bench in a process of its own, --parallel at a time compiling
+together, then timed one at a time (an exclusive lock; each waits after its warm-up until the
+others of its wave are warm, or until --wait-s), so that no timed window overlaps another or a
+compile. The next wave starts when one has ended. A table last.
 
     git archive HEAD | tar -x -C .gpu/head          # here, where git is: the code to compare with
     python experiments/speed_table.py --before .gpu/head                # on the GPU machine
@@ -36,6 +37,7 @@ import fcntl, glob, os, sys, time
 sys.path.insert(0, os.getcwd())
 import torch, bench
 group, n, wait, orig = os.environ['PAR_DIR'], int(os.environ['PAR_N']), float(os.environ['PAR_WAIT']), bench.timed
+lock = os.environ['PAR_LOCK']
 def timed(step, steps, warmup, device):
     for _ in range(warmup):
         step()
@@ -45,7 +47,7 @@ def timed(step, steps, warmup, device):
     t0 = time.time()
     while len(glob.glob(f"{group}/ready.*")) < n and time.time() - t0 < wait:
         time.sleep(0.5)
-    timed.lock = open(f"{group}/lock", "w")   # held until this process exits
+    timed.lock = open(lock, "w")   # held until this process exits
     fcntl.flock(timed.lock, fcntl.LOCK_EX)
     return orig(step, steps, 2, device)
 bench.timed = timed
@@ -76,6 +78,8 @@ def main(argv=None):
                     help='add or replace a row: bench.py arguments')
     ap.add_argument('--before', help='a folder with earlier code: its rows are measured too')
     ap.add_argument('--steps', type=int, default=30)
+    ap.add_argument('--parallel', type=int, default=6,
+                    help='benches compiling at once (10 at once ran out of an 80 GB GPU\'s memory)')
     ap.add_argument('--timeout', type=float, default=540, help='seconds for the whole command')
     ap.add_argument('--wait-s', type=float, default=330, help='longest wait for the others after warm-up')
     ap.add_argument('--logs', help='a folder for each bench\'s output')
@@ -99,28 +103,31 @@ def main(argv=None):
         sides.insert(0, ('before', before))
     logs = Path(args.logs or tempfile.mkdtemp(prefix='speed_table_'))
     logs.mkdir(parents=True, exist_ok=True)
-    group = tempfile.mkdtemp(prefix='speed_lock_')
+    lock = Path(tempfile.mkdtemp(prefix='speed_lock_'), 'lock')
     jobs = [(name, side, folder) for name in names for side, folder in sides]
-    env = dict(os.environ, PAR_DIR=group, PAR_N=str(len(jobs)), PAR_WAIT=str(args.wait_s))
-    procs = []
-    for name, side, folder in jobs:
-        log = open(logs / f'{name}_{side}.log', 'w')
-        cmd = [sys.executable, '-c', LOCKED] + shlex.split(rows[name]) + ['--steps', str(args.steps)]
-        procs.append((name, side, log, subprocess.Popen(cmd, cwd=folder, env=env, stdout=log,
-                                                         stderr=subprocess.STDOUT)))
-    t0, running = time.time(), list(procs)
-    while running:   # a bench that ended counts as ready, so that no other waits for it
-        time.sleep(0.5)
-        late = time.time() - t0 > args.timeout
-        for job in list(running):
-            name, side, log, p = job
-            if late and p.poll() is None:
-                p.kill()
-            if p.poll() is not None:
-                Path(group, f'ready.{p.pid}').touch()   # the name its own ready file has
-                log.close()
-                running.remove(job)
-                print(f"{time.time() - t0:6.0f} s  {name} ({side}) exited {p.returncode}", flush=True)
+    procs, t0 = [], time.time()
+    for w in range(0, len(jobs), max(args.parallel, 1)):   # a row's two codes in one wave
+        wave, group = [], tempfile.mkdtemp(prefix='speed_wave_')
+        env = dict(os.environ, PAR_DIR=group, PAR_N=str(len(jobs[w:w + args.parallel])),
+                   PAR_WAIT=str(args.wait_s), PAR_LOCK=str(lock))
+        for name, side, folder in jobs[w:w + args.parallel]:
+            log = open(logs / f'{name}_{side}.log', 'w')
+            cmd = [sys.executable, '-c', LOCKED] + shlex.split(rows[name]) + ['--steps', str(args.steps)]
+            wave.append((name, side, log, subprocess.Popen(cmd, cwd=folder, env=env, stdout=log,
+                                                            stderr=subprocess.STDOUT)))
+        procs += wave
+        while wave:   # a bench that ended counts as ready, so that no other waits for it
+            time.sleep(0.5)
+            late = time.time() - t0 > args.timeout
+            for job in list(wave):
+                name, side, log, p = job
+                if late and p.poll() is None:
+                    p.kill()
+                if p.poll() is not None:
+                    Path(group, f'ready.{p.pid}').touch()   # the name its own ready file has
+                    log.close()
+                    wave.remove(job)
+                    print(f"{time.time() - t0:6.0f} s  {name} ({side}) exited {p.returncode}", flush=True)
     print(f"\n{'row':<12} {'code':<7} {'ms/step':>8} {'tok/s':>8} {'MFU':>6} {'MFU all':>8} "
           f"{'peak GiB':>9}  finite  bench.py arguments")
     for name, side, _, p in procs:

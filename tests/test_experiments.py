@@ -136,7 +136,8 @@ def test_compile_probe_reports_a_variant_stopped_at_its_limit(capsys):
 def test_speed_table_runs_each_bench_for_both_codes_and_reports_a_failed_one(tmp_path, capsys):
     """Two tiny CPU benches (a Transformer-XL and a translation model) for the code here and
     for --before (here, the same code), and one that fails: every result in the table, the
-    failed one named with its log, exit 1, and nobody waits --wait-s for the failed one."""
+    failed one named with its log, exit 1, and nobody waits --wait-s for the failed one. Four
+    at a time: two waves, the second (bad, for both codes) started when the first has ended."""
     import time
     import speed_table
     tiny = {'lm': '--model txl --embed define --device cpu n_layer=1 d_model=32 n=16 k=64 m=32 '
@@ -146,9 +147,13 @@ def test_speed_table_runs_each_bench_for_both_codes_and_reports_a_failed_one(tmp
             'bad': '--model nope'}
     t0 = time.time()
     rc = speed_table.main(['--rows', 'lm,mt,bad', '--before', str(ROOT), '--steps', '2', '--wait-s', '120',
+                           '--parallel', '4',
                            '--logs', str(tmp_path)] + [f'--row={k}={v} --warmup-steps 1' for k, v in tiny.items()])
     assert rc == 1 and time.time() - t0 < 60
-    table = capsys.readouterr().out.split('bench.py arguments\n')[1].splitlines()
+    out = capsys.readouterr().out
+    exits = [line.split()[2] for line in out.splitlines() if ' exited ' in line]
+    assert sorted(exits[:4]) == ['lm', 'lm', 'mt', 'mt'] and exits[4:] == ['bad', 'bad']
+    table = out.split('bench.py arguments\n')[1].splitlines()
     assert [line.split()[:2] for line in table] == [[r, s] for r in ('lm', 'mt', 'bad') for s in ('before', 'now')]
     for line in table[:4]:
         ms, tok = line.split()[2:4]
