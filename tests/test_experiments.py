@@ -163,3 +163,17 @@ def test_speed_table_runs_each_bench_for_both_codes_and_reports_a_failed_one(tmp
     with pytest.raises(SystemExit):
         speed_table.main(['--before', str(tmp_path)])
     assert 'no bench.py there' in capsys.readouterr().err
+
+
+def test_flex_probe_computes_rel_attention_inside_flex_attention(capsys):
+    """experiments/flex_probe.py on the CPU (no FlexAttention backward there: the forward only):
+    the relative shift read as an index inside the score_mod gives RelAttention's output, both
+    compiled and eager."""
+    import flex_probe
+    flex_probe.main(['--device', 'cpu', '--batch', '2', '--queries', '6', '--memory', '5',
+                     '--d-model', '32', '--heads', '2', '--d-head', '9'])
+    rows = {line[:12].strip(): line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert sorted(rows) == ['explicit', 'flex', 'flex eager']
+    assert all(float(rows[v][-6]) < 1e-5 for v in ('flex', 'flex eager'))
+    with pytest.raises(ValueError, match='dropatt must be 0'):
+        flex_probe.FlexRelAttention(flex_probe.RelAttention(32, 2, 9, 0.0, 0.1))
