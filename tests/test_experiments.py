@@ -165,6 +165,7 @@ def test_speed_table_runs_each_bench_for_both_codes_and_reports_a_failed_one(tmp
     assert 'no bench.py there' in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")   # the eager row
 def test_flex_probe_computes_rel_attention_inside_flex_attention(capsys):
     """experiments/flex_probe.py on the CPU (no FlexAttention backward there: the forward only):
     the relative shift read as an index inside the score_mod gives RelAttention's output, both
