@@ -38,6 +38,7 @@ TokenIO(kind, vocab_size, d_model, n=None, ..., output=True, tied=None, words=No
     softmax's cluster sizes) then runs on the host, and the GPU never waits for it.
 count_params(model) -> dict(define=, io=, context=, total=)
     The split of the paper's tables: DeFINE units, TokenIO (maps, projections, outputs), rest.
+to_device(t, device) -> t on device, a host tensor copied from page-locked memory (no wait)
 
 Example
 -------
@@ -154,7 +155,7 @@ def _upcast(x):   # softmax statistics in float32 at least (bf16 logits lose too
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _to(t, device):   # a host tensor to `device`; from page-locked memory the host does not wait
+def to_device(t, device):   # from page-locked memory the host does not wait for the copy
     if t.device.type == 'cpu' and device.type == 'cuda':
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
@@ -409,14 +410,14 @@ class AdaptiveSoftmax(nn.Module):
                                right=True)                      # (N,) cluster, 0 = head
         order = torch.argsort(band, stable=True)
         counts = torch.bincount(band, minlength=self.n_tail + 1).tolist()
-        return (*(_to(t, device) for t in (valid, target, band, order)), counts)
+        return (*(to_device(t, device) for t in (valid, target, band, order)), counts)
 
     def loss(self, h, target, inp, reduction='mean', ignore_index=-100, label_smoothing=0.0):
         """Negative log-likelihood of `target` (...,) given h (..., d_hidden): a scalar, or
         (N,) for reduction='none'. target may be on the host (see TokenIO)."""
         h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
         if self.n_tail == 0:
-            z, target = self._logits(h, 0, inp), _to(target, h.device)
+            z, target = self._logits(h, 0, inp), to_device(target, h.device)
             valid = target != ignore_index
             nll = softmax_nll(z, target, ignore_index, label_smoothing)  # (N,), 0 where ignored
             if reduction == 'none':
@@ -602,8 +603,8 @@ class TokenIO(nn.Module):
             return F.embedding(ids.to(dev), self.cached)
         if self.dedup and (self.unit is not None or self.kind == 'cnn'):   # once per distinct token
             uniq, inv = torch.unique(ids, return_inverse=True)    # uniq[inv] == ids
-            return self._input_path(_to(uniq, dev), drop)[_to(inv, dev)]
-        return self._input_path(_to(ids, dev), drop)
+            return self._input_path(to_device(uniq, dev), drop)[to_device(inv, dev)]
+        return self._input_path(to_device(ids, dev), drop)
 
     forward = embed
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 import data as D
-from define import TokenIO
+from define import TokenIO, to_device
 
 
 @torch.no_grad()
@@ -24,11 +24,8 @@ def nll(model, batches, env):
     model.eval()
     total, count, state = 0.0, 0, None
     for x, y, n in batches:
-        if env.device.type == 'cuda':   # from page-locked memory: no wait for the GPU
-            x, y = x.pin_memory(), y.pin_memory()
-        with env.ctx:
-            loss, state = model(x.to(env.device, non_blocking=True),
-                                y.to(env.device, non_blocking=True), state)
+        with env.ctx:   # from page-locked memory: no wait for the GPU
+            loss, state = model(to_device(x, env.device), to_device(y, env.device), state)
         total, count = total + loss.float() * n, count + n
     model.train(was_training)
     return (total / max(count, 1)).item()

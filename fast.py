@@ -235,7 +235,7 @@ class GraphedTrunk:
         if (ids.shape, *(m.shape for m in mems or [])) == self.shapes:
             targets = targets.t().reshape(-1)       # (B * T,), the order of the layers' rows
             if self.compile_it and self.model.io.out.n_tail == 0:   # the compiled full
-                targets = define._to(targets, mems[0].device)   # softmax: targets on the GPU
+                targets = define.to_device(targets, mems[0].device)   # softmax: targets on the GPU
             with self.ctx:
                 x = self.model.embed(ids)           # (B, T, d)
             out = self.graphed(x, *mems)

@@ -41,7 +41,7 @@ import build
 import checkpoint
 import evaluation as E
 import settings
-from define import DeFINE
+from define import DeFINE, to_device
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_PRESET = dict(lstm='ptb_awd_lstm', txl='wt2_txl', nmt='multi30k_transformer')
@@ -258,11 +258,8 @@ def accumulation(cfg, world):
 def forward_backward(fwd, x, y, state, env, accum=1):
     """Forward and backward of one micro-batch (x, y on the host) -> (its loss, the state to
     carry on); the gradient is scaled for `accum` micro-batches per step."""
-    if env.device.type == 'cuda':   # from page-locked memory the host does not wait for the
-        x, y = x.pin_memory(), y.pin_memory()   # copies (no-ops where pinned already)
     with env.ctx:
-        loss, state = fwd(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True),
-                          state)
+        loss, state = fwd(to_device(x, env.device), to_device(y, env.device), state)
     (loss / accum).backward()
     return loss.detach(), state
 
