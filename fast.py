@@ -26,12 +26,17 @@ compiled(module, model, shapes='fixed')
       keeps the (N, V) float32 log-probabilities (2.2 GiB of translation's 50k-way step).
       Eager, the written-out form is the slower one (several passes over the logits), so
       define.py keeps F.cross_entropy.
-graphed_step(model, env, accum, compile_it, shape) -> step(x, y, state) or None
+graphed_step(model, env, accum, compile_it, shape, shapes='fixed') -> step(x, y, state) or None
     The forward and backward of a training micro-batch as CUDA graph replays, where that
     applies (one micro-batch per step):
     - AWD-LSTM on one GPU: 3 layers x 70 time steps are about 700 small kernels per step, and
       launching them from Python takes longer than running them. One graph per sequence
-      length replays them all at once (GraphedLSTMStep).
+      length replays them all at once (GraphedStep).
+    - Translation on one GPU, eager, in a few fixed shapes (shapes 'fixed' or 'buckets', not
+      'vary'): one graph per batch shape (GraphedStep). Multi30k's small model launches
+      thousands of kernels a step, each shorter than its launch. Not compiled translation:
+      there a graph gains 1% (the step is the kernels' time), and replays of compiled steps
+      captured for several shapes gave wrong gradients from the third shape on (PERF.md).
     - Transformer-XL with a memory, on any number of GPUs: the layers' forward and backward as
       two graphs (GraphedTrunk). The embedding and the adaptive softmax, whose shapes change
       with the tokens, run outside the graphs. Eager, they take the batch on the host, so
@@ -107,15 +112,20 @@ def _one_pass_rows():
     InductorChoices.should_use_persistent_reduction = staticmethod(rule)
 
 
-def graphed_step(model, env, accum, compile_it, shape):
+def graphed_step(model, env, accum, compile_it, shape, shapes='fixed'):
     """A graphed replacement for train.py's step where one applies, else None. shape: the
-    (T, B) of a micro-batch (Transformer-XL captures its layers for it)."""
+    (T, B) of a micro-batch (Transformer-XL captures its layers for it); shapes: as compiled's
+    (translation: a graph per shape, so not 'vary')."""
     from lstm_lm import AWDLSTM
+    from nmt import Transformer
     from txl_lm import TransformerXL
     if env.device.type != 'cuda' or accum != 1:
         return None
     if isinstance(model, AWDLSTM) and env.world == 1 and not compile_it:
-        return GraphedLSTMStep(model, env.ctx)
+        return GraphedStep(model, env.ctx, model, carry=True)
+    if isinstance(model, Transformer) and env.world == 1 and not compile_it and shapes != 'vary' \
+            and all(io.out is None or io.out.n_tail == 0 for io in (model.src_io, model.tgt_io)):
+        return GraphedStep(model, env.ctx, model)
     if isinstance(model, TransformerXL) and model.mem_len > 0:
         return GraphedTrunk(model, env.ctx, compile_it, shape, env.world)
     return None
@@ -128,8 +138,10 @@ def _capture_ctx(ctx):
     return ctx
 
 
-class GraphedLSTMStep:
-    """The AWD-LSTM's forward and backward replayed from one graph per sequence length.
+class GraphedStep:
+    """A micro-batch's forward and backward replayed from one graph per input shape: the
+    AWD-LSTM's sequence lengths (carry=True: its (h, c) state goes in and out), translation's
+    batch shapes. fwd: the model (or the model compiled: see graphed_step on translation).
 
     The graphs share one memory pool (about 60 lengths occur; a pool each would reserve
     much more), which is safe because they never run concurrently and each graph's outputs
@@ -138,18 +150,19 @@ class GraphedLSTMStep:
     hands them to the parameters' .grad. DeFINE runs on every token (no torch.unique, which
     would wait for the host: the same outputs and gradients)."""
 
-    def __init__(self, model, ctx):
-        self.model, self.ctx = model, _capture_ctx(ctx)
+    def __init__(self, model, ctx, fwd, carry=False):
+        self.model, self.fwd, self.ctx, self.carry = model, fwd, _capture_ctx(ctx), carry
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.graphs, self.state, self.pool = {}, None, torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream()   # warm-ups and captures on one side stream
-        model.io.dedup = False
+        for io in {m for m in model.modules() if isinstance(m, define.TokenIO)}:
+            io.dedup = False
 
     def _fwd_bwd(self, x, y, state):
         torch._foreach_zero_(self.grads)
         with self.ctx:
-            loss, new = self.model(x, y, state)
+            loss, new = self.fwd(x, y, state)
         loss.backward()
         return loss.detach(), new
 
@@ -157,13 +170,13 @@ class GraphedLSTMStep:
         rng = torch.cuda.get_rng_state()
         for p, g in zip(self.params, self.grads):   # the backward accumulates into these
             p.grad = g
-        if self.state is None:      # static state (zeros = a fresh start)
+        if self.carry and self.state is None:       # static state (zeros = a fresh start)
             with torch.no_grad(), self.ctx:
                 new = self.model(x, y, None)[1]
             self.state = [tuple(torch.zeros_like(s) for s in hc) for hc in new]
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):  # warm-up of this shape (cuDNN plans, autograd)
-            self._fwd_bwd(x, y, self.state)
+        with torch.cuda.stream(self.stream):  # warm-up of this shape (cuDNN plans, autograd;
+            self._fwd_bwd(x, y, self.state)   # compiled: the compile)
         g = torch.cuda.CUDAGraph()
         sx, sy = x.clone(), y.clone()
         with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
@@ -172,14 +185,15 @@ class GraphedLSTMStep:
         torch.cuda.set_rng_state(rng)
         return g, sx, sy, loss, new
 
-    def __call__(self, x, y, state):        # x, y (T, B) on the host -> (loss, new state)
-        if x.shape not in self.graphs:
+    def __call__(self, x, y, state):        # x, y on the host -> (loss, new state or None)
+        key = (x.shape, y.shape)
+        if key not in self.graphs:
             dev = self.grads[0].device
-            self.graphs[x.shape] = self._capture(x.to(dev), y.to(dev))
-        g, sx, sy, loss, new = self.graphs[x.shape]
-        sx.copy_(x, non_blocking=True)
-        sy.copy_(y, non_blocking=True)
-        for hc, src in zip(self.state, state or [None] * len(self.state)):
+            self.graphs[key] = self._capture(x.to(dev), y.to(dev))
+        g, sx, sy, loss, new = self.graphs[key]
+        sx.copy_(x.pin_memory(), non_blocking=True)    # (a no-op where already page-locked)
+        sy.copy_(y.pin_memory(), non_blocking=True)
+        for hc, src in zip(self.state or [], state or [None] * len(self.state or [])):
             for s, v in zip(hc, src or [None, None]):
                 s.copy_(v) if v is not None else s.zero_()
         g.replay()

@@ -11,10 +11,13 @@ or silently. Nothing here is about the method.
 import argparse
 import ast
 import difflib
+import os
 import re
 import runpy
 import sys
 from pathlib import Path
+
+import torch
 
 import checkpoint
 import data
@@ -70,7 +73,11 @@ def load(argv, defaults, choices, default_preset, doc, source):
                 cfg[key] = val
     cfg.update(args, config=preset)
     if cfg['model'] == 'nmt' and cfg['bucket'] is None:   # stored: a resumed run keeps its batches
-        cfg['bucket'] = 8 if cfg['compile'] else 0
+        # a few fixed shapes: each compiles once, or replays a CUDA graph where fast.graphed_step
+        # gives one (eager, one GPU, one micro-batch a step); elsewhere padding only costs
+        gpu = cfg['device'] == 'cuda' or (cfg['device'] == 'auto' and torch.cuda.is_available())
+        one = int(os.environ.get('WORLD_SIZE', 1)) == 1 and cfg['batch_tokens'] in (None, cfg['max_tokens'])
+        cfg['bucket'] = 8 if cfg['compile'] or (cfg['cuda_graphs'] and gpu and one) else 0
     return check(cfg, defaults, choices)
 
 

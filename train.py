@@ -58,7 +58,8 @@ DEFAULTS = dict(
     device='auto',            # auto | cpu | cuda
     dtype='bfloat16',         # GPU autocast dtype: bfloat16 | float32 (no autocast); CPU: float32
     compile=False,            # torch.compile the model (fast.py)
-    cuda_graphs=True,         # on a GPU: replay the AWD-LSTM step, Transformer-XL's layers (fast.py)
+    cuda_graphs=True,         # on a GPU: replay the AWD-LSTM step, translation's (in shape buckets),
+                              # Transformer-XL's layers (fast.py)
     seed=1111,
     # --- token representation (define.TokenIO)
     d_model=410,              # model width (LSTM: embedding width m; None = n)
@@ -98,7 +99,9 @@ DEFAULTS = dict(
     enc_layers=6, dec_layers=6, d_ff=2048, label_smoothing=0.1,
     max_tokens=4096,          # tokens per rank per micro-batch
     bucket=None,              # >0: batches padded to widths of multiples of this, a few fixed
-                              # shapes that compile once each (None: 8 with --compile, else 0)
+                              # shapes that compile once each or replay a CUDA graph each
+                              # (None: 8 with --compile, or with CUDA graphs on one GPU and
+                              # one micro-batch a step; else 0)
     batch_tokens=None,        # tokens per optimizer step (None: max_tokens x ranks)
     beam=4, lenpen=0.6, max_len_b=50, bleu_tokenize='none', avg_last=0,
     # --- optimisation
@@ -297,12 +300,12 @@ def train(cfg, env):
     fwd, graphed = ddp, None
     if cfg['compile'] or (cfg['cuda_graphs'] and env.device.type == 'cuda'):
         import fast                             # the optional speed machinery
+        shapes = 'fixed' if cfg['model'] != 'nmt' else ('buckets' if cfg['bucket'] else 'vary')
         if cfg['compile']:
-            fwd = fast.compiled(ddp, model, shapes='fixed' if cfg['model'] != 'nmt' else
-                                ('buckets' if cfg['bucket'] else 'vary'))
+            fwd = fast.compiled(ddp, model, shapes)
         if cfg['cuda_graphs']:
             graphed = fast.graphed_step(model, env, accum, cfg['compile'],
-                                        (cfg['bptt'], cfg['batch_size'] // env.world // accum))
+                                        (cfg['bptt'], cfg['batch_size'] // env.world // accum), shapes)
             if graphed is not None:
                 env.log(f"CUDA graphs: {type(graphed).__name__} (fast.py)")
 

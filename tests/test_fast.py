@@ -1,5 +1,5 @@
-"""fast.py against the plain model it speeds up: CUDA-graph replays of the AWD-LSTM step and of
-Transformer-XL's layers train exactly as eager steps do, host ids give what device ids give,
+"""fast.py against the plain model it speeds up: CUDA-graph replays of the AWD-LSTM step, of
+translation's step and of Transformer-XL's layers train exactly as eager steps do, host ids give what device ids give,
 one all-reduce after the backward equals one process, compiled equals eager. The CUDA tests
 skip without a GPU: run them on one (`python -m pytest tests/test_fast.py`)."""
 import copy
@@ -72,11 +72,79 @@ def test_graphed_lstm_step_equals_eager(kind):
         pos += T
     want = _sgd_steps(_eager_step(a), a, batches)
     graphed = fast.graphed_step(b, _env(), 1, False, None)
-    assert isinstance(graphed, fast.GraphedLSTMStep)
+    assert isinstance(graphed, fast.GraphedStep)
     got = _sgd_steps(graphed, b, batches)
     assert len(graphed.graphs) == 3
     assert max(abs(u - v) for u, v in zip(got, want)) < 1e-5, (got, want)
     assert _max_diff(a, b) < 1e-5
+
+
+def _translation(kind='standard', dropout=0.0):
+    from nmt import Transformer
+    torch.manual_seed(0)
+    tgt = TokenIO(kind, 120, 32, n=16 if kind == 'define' else None, k=64, depth=2,
+                  embed_scale=32 ** 0.5, dedup=True)
+    return Transformer(TokenIO('standard', 100, 32, output=False, embed_scale=32 ** 0.5), tgt,
+                       n_layer=2, n_head=4, d_ff=64, dropout=dropout, label_smoothing=0.1).cuda()
+
+
+def _translation_batches(sizes):   # (B, S, T) -> host (src, tgt) with padded rows, <s> first
+    batches = []
+    for i, (B, S, T) in enumerate(sizes):
+        src, tgt = _zipf(96, (B, S), seed=i) + 4, _zipf(116, (B, T), seed=i + 50) + 4
+        tgt[:, 0] = 2
+        src[0, S // 2:], tgt[0, T // 2:] = 0, 0   # a short pair: pad (0) after its end
+        batches.append((src, tgt))
+    return batches
+
+
+@cuda
+@pytest.mark.parametrize("kind", ['standard', 'define'])
+def test_graphed_translation_step_equals_eager(kind):
+    """Translation batches in a few fixed shapes (a graph each, replayed again later), dropouts
+    off, float32: the same losses and weights as eager steps. Compiled, or in a new shape
+    most steps ('vary'), translation is not graphed."""
+    a = _translation(kind)
+    b = copy.deepcopy(a)
+    batches = _translation_batches([(16, 8, 8), (8, 16, 16), (16, 8, 8), (4, 32, 32), (8, 16, 16)])
+    want = _sgd_steps(_eager_step(a), a, batches)
+    graphed = fast.graphed_step(b, _env(), 1, False, None, 'buckets')
+    assert isinstance(graphed, fast.GraphedStep)
+    got = _sgd_steps(graphed, b, batches)
+    assert len(graphed.graphs) == 3
+    assert max(abs(u - v) for u, v in zip(got, want)) < 1e-5, (got, want)
+    assert _max_diff(a, b) < 1e-5
+    assert fast.graphed_step(b, _env(), 1, True, None, 'buckets') is None
+    assert fast.graphed_step(b, _env(), 1, False, None, 'vary') is None
+
+
+@cuda
+@pytest.mark.xfail(strict=True, reason="on torch 2.11 (H100), replays of the compiled step "
+                   "captured for a third shape give wrong gradients: why graphed_step leaves "
+                   "compiled translation ungraphed (PERF.md). Passing means that changed.")
+def test_compiled_translation_graphs_over_three_shapes_equal_eager():
+    a = _translation('define')
+    b = copy.deepcopy(a)
+    batches = _translation_batches([(16, 8, 8), (8, 16, 16), (16, 8, 8), (4, 32, 32), (8, 16, 16)])
+    want = _sgd_steps(_eager_step(a), a, batches)
+    got = _sgd_steps(fast.GraphedStep(b, _env().ctx, fast.compiled(b, b, 'buckets')), b, batches)
+    assert max(abs(u - v) for u, v in zip(got, want)) < 1e-3, (got, want)
+
+
+@cuda
+def test_graphed_translation_step_draws_fresh_dropout_masks():
+    """With dropout on, two replays of one batch give different losses, and the capture
+    drew nothing: its first loss is an eager step's from the same generator state."""
+    a = _translation(dropout=0.3)
+    b = copy.deepcopy(a)
+    (src, tgt), = _translation_batches([(8, 16, 16)])
+    graphed = fast.graphed_step(b, _env(), 1, False, None, 'buckets')
+    torch.cuda.manual_seed(5)
+    losses = [graphed(src, tgt, None)[0].item() for _ in range(2)]
+    torch.cuda.manual_seed(5)
+    eager = _eager_step(a)(src, tgt, None)[0].item()
+    assert losses[0] != losses[1]
+    assert abs(losses[0] - eager) < 1e-5, (losses, eager)
 
 
 def _txl(kind='standard', dropout=0.0, seed=0, cutoffs=(50, 150)):

@@ -646,9 +646,15 @@ def test_compiled_translation_without_buckets_is_refused_on_a_gpu():
 
 def test_translation_buckets_follow_compile_and_are_stored(data_root, cache, tmp_path):
     """Fixed batch shapes (data.token_batches(bucket=...)) by default only for a compiled
-    step; the value is resolved once and stored, so a resumed run keeps its batches."""
+    step or one replayed as CUDA graphs (on one GPU, one micro-batch a step: not the WMT
+    preset's four); the value is resolved once and stored, so a resumed run keeps its batches."""
     nmt = ['--model', 'nmt']
-    assert train.get_config(nmt)['bucket'] == 0
+    assert train.get_config(nmt + ['--device', 'cpu'])['bucket'] == 0
+    assert train.get_config(nmt + ['--device', 'cuda'])['bucket'] == 8
+    assert train.get_config(nmt + ['--device', 'cuda', '--cuda-graphs', 'False'])['bucket'] == 0
+    assert train.get_config(['--config', 'wmt14_transformer_base', '--device', 'cuda'])['bucket'] == 0
+    assert train.get_config(['--config', 'wmt14_transformer_base', '--device', 'cuda', 'max_tokens=25000'])['bucket'] == 8
+    assert train.get_config(nmt)['bucket'] == (8 if torch.cuda.is_available() else 0)
     assert train.get_config(nmt + ['--compile', 'True'])['bucket'] == 8
     assert train.get_config(nmt + ['--compile', 'True', '--bucket', '4'])['bucket'] == 4
     assert train.get_config(['--model', 'txl'])['bucket'] is None     # language models: no use
