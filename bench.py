@@ -178,8 +178,11 @@ def bench_model(cfg, env, steps, warmup, prof=False):
         it[0] += 1
 
     dt = timed(step, steps, warmup, dev)
-    # peak memory of the timed steps, read before the profiler runs
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == 'cuda' else float('nan')
+    # peak memory of the timed steps, read before the profiler runs: what tensors held, which
+    # misses what a CUDA graph's replay uses inside its pool, and what the allocator reserved
+    cuda = dev.type == 'cuda'
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')
+    reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else float('nan')
     if prof and dev.type == 'cuda':
         profile_steps(step, env.log)
     with torch.no_grad(), env.ctx:          # eager: no extra compiled graph
@@ -190,7 +193,7 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     env.log(f"bench | {cfg['config'] or cfg['model']} embed={cfg['embed']} n={cfg['n']} "
             f"compile={cfg['compile']}{' graphs' if graphed else ''} ranks={world} | "
             f"{tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
-            f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB | loss {loss.item():.3f} (finite: "
+            f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB, reserved {reserved:6.2f} GiB | loss {loss.item():.3f} (finite: "
             f"{bool(torch.isfinite(loss))})")
     if parts is not None:
         all_mm = sum(parts.values())

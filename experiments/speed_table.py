@@ -8,9 +8,12 @@ compile. The next wave starts when one has ended. A table last.
     python experiments/speed_table.py --before .gpu/head                # on the GPU machine
     python experiments/speed_table.py --rows define,projective --before .gpu/head --timeout 400
 
-Rows (ROWS below) are bench.py arguments; --row NAME='ARGS' adds or replaces one. Each line
+Rows (ROWS below) are bench.py arguments; --row NAME='ARGS' adds or replaces one, where
+leading NAME=VALUE words in capitals set that bench's environment (an inductor knob:
+--row cd='TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 --config ...'). Each line
 of the table: ms/step, tok/s, MFU on bench.py's count (6 N + attention) and, for translation,
-on every matmul's count, peak memory, and whether the loss after the steps was finite.
+on every matmul's count, peak memory (and what the allocator reserved: a CUDA graph's replays
+use memory of its pool that the peak misses), and whether the loss after the steps was finite.
 """
 import argparse
 import os
@@ -55,18 +58,31 @@ sys.argv = ["bench.py"] + sys.argv[1:]
 bench.main()
 '''
 LINE = re.compile(r'\|\s+(?P<tok>\d+) tok/s \|\s+(?P<ms>[\d.]+) ms/step \|\s+MFU\s+(?P<mfu>[\d.na]+)% \|'
-                  r' peak\s+(?P<peak>[\d.na]+) GiB \| loss \S+ \(finite: (?P<finite>\w+)\)')
+                  r' peak\s+(?P<peak>[\d.na]+) GiB(?:, reserved\s+(?P<reserved>[\d.na]+) GiB)? \|'
+                  r' loss \S+ \(finite: (?P<finite>\w+)\)')
+ENV_WORD = re.compile(r'^[A-Z_][A-Z0-9_]*=')
 ALL_MM = re.compile(r'every matmul: .*\| MFU\s+(?P<mfu>[\d.na]+)%')
 
 
+def split_env(row):
+    """A row's leading NAME=VALUE words in capitals -> (environment, bench.py arguments);
+    train.py's settings written key=value are lower case and stay arguments."""
+    words, env = shlex.split(row), {}
+    while words and ENV_WORD.match(words[0]):
+        env.update([words.pop(0).split('=', 1)])
+    return env, words
+
+
 def parse(text):
-    """bench.py's output -> dict(ms, tok, mfu, mfu_all, peak, finite), or None if it has no result."""
+    """bench.py's output -> dict(ms, tok, mfu, mfu_all, peak, reserved, finite), or None if it
+    has no result (reserved: '-' from a bench.py that did not print it)."""
     m = LINE.search(text)
     if not m:
         return None
     out = dict(m.groupdict())
     a = ALL_MM.search(text)
     out['mfu_all'] = a['mfu'] if a else '-'
+    out['reserved'] = out['reserved'] or '-'
     return out
 
 
@@ -112,8 +128,9 @@ def main(argv=None):
                    PAR_WAIT=str(args.wait_s), PAR_LOCK=str(lock))
         for name, side, folder in jobs[w:w + args.parallel]:
             log = open(logs / f'{name}_{side}.log', 'w')
-            cmd = [sys.executable, '-c', LOCKED] + shlex.split(rows[name]) + ['--steps', str(args.steps)]
-            wave.append((name, side, log, subprocess.Popen(cmd, cwd=folder, env=env, stdout=log,
+            own, words = split_env(rows[name])
+            cmd = [sys.executable, '-c', LOCKED] + words + ['--steps', str(args.steps)]
+            wave.append((name, side, log, subprocess.Popen(cmd, cwd=folder, env={**env, **own}, stdout=log,
                                                             stderr=subprocess.STDOUT)))
         procs += wave
         while wave:   # a bench that ended counts as ready, so that no other waits for it
@@ -129,7 +146,7 @@ def main(argv=None):
                     wave.remove(job)
                     print(f"{time.time() - t0:6.0f} s  {name} ({side}) exited {p.returncode}", flush=True)
     print(f"\n{'row':<12} {'code':<7} {'ms/step':>8} {'tok/s':>8} {'MFU':>6} {'MFU all':>8} "
-          f"{'peak GiB':>9}  finite  bench.py arguments")
+          f"{'peak GiB':>9} {'reserved':>9}  finite  bench.py arguments")
     for name, side, _, p in procs:
         r = parse((logs / f'{name}_{side}.log').read_text())
         if r is None:
@@ -137,7 +154,7 @@ def main(argv=None):
                   f"{logs / f'{name}_{side}.log'}")
             continue
         print(f"{name:<12} {side:<7} {r['ms']:>8} {r['tok']:>8} {r['mfu']:>5}% {r['mfu_all']:>7}"
-              f"{'%' if r['mfu_all'] != '-' else ' '} {r['peak']:>9}  {r['finite']:<6}  {rows[name]}")
+              f"{'%' if r['mfu_all'] != '-' else ' '} {r['peak']:>9} {r['reserved']:>9}  {r['finite']:<6}  {rows[name]}")
     return 0 if all(p.returncode == 0 for *_, p in procs) else 1
 
 

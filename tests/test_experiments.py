@@ -133,6 +133,19 @@ def test_compile_probe_reports_a_variant_stopped_at_its_limit(capsys):
     assert '--variants: bogus unknown' in capsys.readouterr().err
 
 
+def test_speed_table_rows_set_environment_and_read_both_bench_lines():
+    """A row's leading capitals NAME=VALUE words become its environment, train.py's key=value
+    settings stay arguments; bench.py's line parses with and without the reserved memory."""
+    import speed_table
+    env, words = speed_table.split_env("TORCHINDUCTOR_X=1 A_B='c d' --config wt103_txl n=128 K=2")
+    assert env == {'TORCHINDUCTOR_X': '1', 'A_B': 'c d'} and words == ['--config', 'wt103_txl', 'n=128', 'K=2']
+    line = ("bench | x embed=define n=128 compile=True graphs ranks=1 |     212354 tok/s |   42.38 ms/step"
+            " | MFU   7.6% | peak   3.97 GiB{} | loss 8.154 (finite: True)")
+    new, old = speed_table.parse(line.format(", reserved   9.50 GiB")), speed_table.parse(line.format(""))
+    assert new['peak'] == old['peak'] == '3.97' and new['reserved'] == '9.50' and old['reserved'] == '-'
+    assert new['ms'] == '42.38' and new['finite'] == 'True' and new['mfu_all'] == '-'
+
+
 def test_speed_table_runs_each_bench_for_both_codes_and_reports_a_failed_one(tmp_path, capsys):
     """Two tiny CPU benches (a Transformer-XL and a translation model) for the code here and
     for --before (here, the same code), and one that fails: every result in the table, the
