@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Compiled translation training with shape buckets against eager, each run alone on the GPU:
-# Multi30k's whole preset run (3,000 steps, then the BLEU of beam search), wall time and BLEU.
+# Translation training with shape buckets (compiled, or eager replaying a CUDA graph per shape)
+# against eager, each run alone on the GPU: Multi30k's whole preset run (3,000 steps, then the
+# BLEU of beam search), wall time and BLEU.
 #   bash experiments/m30k_compile.sh eager b8       # one GPU command (about 5 min)
+#   bash experiments/m30k_compile.sh e8 n8          # eager in buckets of 8: graphs, no graphs
 #   bash experiments/m30k_compile.sh b16 b4         # (b0, no buckets: train.py refuses it on a GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +13,10 @@ for mode in "$@"; do
     case $mode in
         eager) args="";;
         b*) args="--compile True --bucket ${mode#b}";;
-        *) echo "error: modes are eager and bN (N: the bucket width; 0: none)" >&2; exit 1;;
+        e*) args="--bucket ${mode#e}";;
+        n*) args="--bucket ${mode#n} --cuda-graphs False";;
+        *) echo "error: modes are eager, bN (compiled), eN (eager), nN (eager, no CUDA graphs);" \
+                "N: the bucket width" >&2; exit 1;;
     esac
     t0=$(date +%s.%N)
     python train.py $common $args --out-dir /tmp/m30k_runs/$mode > "$OUT/m30k_$mode.log" 2>&1
