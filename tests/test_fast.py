@@ -1,7 +1,8 @@
 """fast.py against the plain model it speeds up: CUDA-graph replays of the AWD-LSTM step, of
-translation's step and of Transformer-XL's layers train exactly as eager steps do, host ids give what device ids give,
-one all-reduce after the backward equals one process, compiled equals eager. The CUDA tests
-skip without a GPU: run them on one (`python -m pytest tests/test_fast.py`)."""
+translation's step and of Transformer-XL's layers train exactly as eager steps do, host ids
+give what device ids give, one all-reduce after the backward equals one process, compiled
+equals eager. The CUDA tests skip without a GPU: run them on one
+(`python -m pytest tests/test_fast.py`)."""
 import copy
 
 import pytest
