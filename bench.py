@@ -183,7 +183,7 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     cuda = dev.type == 'cuda'
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')
     reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else float('nan')
-    if prof and dev.type == 'cuda':
+    if prof and cuda:
         profile_steps(step, env.log)
     with torch.no_grad(), env.ctx:          # eager: no extra compiled graph
         model.eval()
@@ -193,8 +193,8 @@ def bench_model(cfg, env, steps, warmup, prof=False):
     env.log(f"bench | {cfg['config'] or cfg['model']} embed={cfg['embed']} n={cfg['n']} "
             f"compile={cfg['compile']}{' graphs' if graphed else ''} ranks={world} | "
             f"{tok_s:10.0f} tok/s | {1000 * dt:7.2f} ms/step | "
-            f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB, reserved {reserved:6.2f} GiB | loss {loss.item():.3f} (finite: "
-            f"{bool(torch.isfinite(loss))})")
+            f"MFU {100 * mfu:5.1f}% | peak {mem:6.2f} GiB, reserved {reserved:6.2f} GiB | "
+            f"loss {loss.item():.3f} (finite: {bool(torch.isfinite(loss))})")
     if parts is not None:
         all_mm = sum(parts.values())
         env.log(f"bench | every matmul: {all_mm / 1e12:.2f} TFLOP/step (layers "

@@ -193,9 +193,10 @@ class GraphedStep:
         g, sx, sy, loss, new = self.graphs[key]
         sx.copy_(x.pin_memory(), non_blocking=True)    # (a no-op where already page-locked)
         sy.copy_(y.pin_memory(), non_blocking=True)
-        for hc, src in zip(self.state or [], state or [None] * len(self.state or [])):
-            for s, v in zip(hc, src or [None, None]):
-                s.copy_(v) if v is not None else s.zero_()
+        if self.carry:                      # the state in (None: zeros, a fresh start)
+            for hc, src in zip(self.state, state or [None] * len(self.state)):
+                for s, v in zip(hc, src or [None, None]):
+                    s.copy_(v) if v is not None else s.zero_()
         g.replay()
         for p, grad in zip(self.params, self.grads):
             p.grad = grad

@@ -154,7 +154,8 @@ def main(argv=None):
                   f"{logs / f'{name}_{side}.log'}")
             continue
         print(f"{name:<12} {side:<7} {r['ms']:>8} {r['tok']:>8} {r['mfu']:>5}% {r['mfu_all']:>7}"
-              f"{'%' if r['mfu_all'] != '-' else ' '} {r['peak']:>9} {r['reserved']:>9}  {r['finite']:<6}  {rows[name]}")
+              f"{'%' if r['mfu_all'] != '-' else ' '} {r['peak']:>9} {r['reserved']:>9}  "
+              f"{r['finite']:<6}  {rows[name]}")
     return 0 if all(p.returncode == 0 for *_, p in procs) else 1
 
 
