@@ -108,9 +108,9 @@ class GroupLinear(nn.Module):
 
     def forward(self, x, grouped=False):
         """(..., d_in) -> (..., d_out); with grouped=True (..., g, d_in/g) -> (..., g, d_out/g)."""
+        if self.groups == 1:   # a plain Linear (grouped: (..., 1, d_in)), not a bmm of one
+            return F.linear(x, self.weight[0].t(), self.bias)
         if not grouped:
-            if self.groups == 1:                        # a plain Linear: no bmm overhead
-                return F.linear(x, self.weight[0].t(), self.bias)
             return self(x.unflatten(-1, (self.groups, -1)), grouped=True).flatten(-2)
         lead = x.shape[:-2]
         x = x.reshape(-1, self.groups, x.shape[-1]).transpose(0, 1)  # (g, N, d_in/g)

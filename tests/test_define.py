@@ -43,6 +43,9 @@ def test_group_linear_equals_block_diagonal_dense(d_in, d_out, g):
     for j in range(g):   # the weight gradient is the dense one's diagonal blocks
         torch.testing.assert_close(glt.weight.grad[j],
                                    dense.weight.grad[j * b:(j + 1) * b, j * a:(j + 1) * a].t())
+    # grouped input (..., g, d_in/g), as DeFINE's split-and-mix feeds it: the same function
+    torch.testing.assert_close(glt(x.detach().unflatten(-1, (g, -1)), grouped=True),
+                               y2.detach().unflatten(-1, (g, -1)))
 
 
 def test_group_linear_rejects_indivisible_widths():
