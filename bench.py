@@ -197,9 +197,10 @@ def bench_model(cfg, env, steps, warmup, prof=False):
             f"loss {loss.item():.3f} (finite: {bool(torch.isfinite(loss))})")
     if parts is not None:
         all_mm = sum(parts.values())
+        assumed = '' if cfg['embed'] == 'standard' else '; standard output assumed'
         env.log(f"bench | every matmul: {all_mm / 1e12:.2f} TFLOP/step (layers "
                 f"{parts['layers'] / 1e12:.2f}, attention {parts['attention'] / 1e12:.2f}, output "
-                f"{parts['output'] / 1e12:.2f}{'' if cfg['embed'] == 'standard' else '; standard output assumed'})"
+                f"{parts['output'] / 1e12:.2f}{assumed})"
                 f" | MFU {100 * mfu * all_mm / flops:5.1f}% (above: 6N + attention, "
                 f"{flops / 1e12:.2f} TFLOP/step)")
     return tok_s
