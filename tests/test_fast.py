@@ -363,7 +363,7 @@ def _matmul_operands(graph, into):   # inductor's post-grad pass: each matmul's 
 def test_compiled_define_unit_pads_every_matmul():
     """fast.compiled pads every matmul of DeFINE's unit to widths that are multiples of 8 in
     bf16 (unaligned products run several times slower): layers of 1452 in 4 groups, 2774 in
-    2, and 2902 -> 4096 in one group, which once escaped the padding as a bmm of one batch.
+    2, and 2902 -> 4096 in one group, which ran unpadded (torch 2.11) as a bmm of one batch.
     The compiled output is eager's within bf16 rounding."""
     import torch._inductor.config as inductor
     from define import DeFINE
