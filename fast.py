@@ -122,10 +122,10 @@ def graphed_step(model, env, accum, compile_it, shape, shapes='fixed'):
     if env.device.type != 'cuda' or accum != 1:
         return None
     if isinstance(model, AWDLSTM) and env.world == 1 and not compile_it:
-        return GraphedStep(model, env.ctx, model, carry=True)
+        return GraphedStep(model, env.ctx, carry=True)
     if isinstance(model, Transformer) and env.world == 1 and not compile_it and shapes != 'vary' \
             and all(io.out is None or io.out.n_tail == 0 for io in (model.src_io, model.tgt_io)):
-        return GraphedStep(model, env.ctx, model)
+        return GraphedStep(model, env.ctx)
     if isinstance(model, TransformerXL) and model.mem_len > 0:
         return GraphedTrunk(model, env.ctx, compile_it, shape, env.world)
     return None
@@ -141,7 +141,8 @@ def _capture_ctx(ctx):
 class GraphedStep:
     """A micro-batch's forward and backward replayed from one graph per input shape: the
     AWD-LSTM's sequence lengths (carry=True: its (h, c) state goes in and out), translation's
-    batch shapes. fwd: the model (or the model compiled: see graphed_step on translation).
+    batch shapes. fwd: what runs the forward, the model unless given (a compiled model is
+    not graphed: see graphed_step on translation; a test keeps that case).
 
     The graphs share one memory pool (about 60 lengths occur; a pool each would reserve
     much more), which is safe because they never run concurrently and each graph's outputs
@@ -150,8 +151,9 @@ class GraphedStep:
     hands them to the parameters' .grad. DeFINE runs on every token (no torch.unique, which
     would wait for the host: the same outputs and gradients)."""
 
-    def __init__(self, model, ctx, fwd, carry=False):
-        self.model, self.fwd, self.ctx, self.carry = model, fwd, _capture_ctx(ctx), carry
+    def __init__(self, model, ctx, fwd=None, carry=False):
+        self.model, self.ctx, self.carry = model, _capture_ctx(ctx), carry
+        self.fwd = model if fwd is None else fwd
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.graphs, self.state, self.pool = {}, None, torch.cuda.graph_pool_handle()
